@@ -1,0 +1,38 @@
+"""flatmin: sharpness-aware training for PyTorch.
+
+Two-pass optimizers of the SAM family (:mod:`flatmin.optim`), the "free" trajectory
+losses SAF and MESA (:mod:`flatmin.trajectory`), and sharpness diagnostics
+(:mod:`flatmin.measure`). Public names are imported lazily, so ``import flatmin`` stays
+cheap and a user who only needs one part pays only for that part.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SAM": "flatmin.optim.sam",
+    "ASAM": "flatmin.optim.sam",
+    "StableSAM": "flatmin.optim.sam",
+    "GSAM": "flatmin.optim.gsam",
+    "LookSAM": "flatmin.optim.looksam",
+    "ESAM": "flatmin.optim.esam",
+    "SAF": "flatmin.trajectory.saf",
+    "MESA": "flatmin.trajectory.mesa",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flatmin' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
