@@ -1,0 +1,102 @@
+"""Parameters grouped for ``torch._foreach_*`` kernels, and sync-free norms over them.
+
+A :class:`Bucket` holds the parameters of one param group that share a device, a dtype
+and an adaptive-scaling rule, together with their gradients. Every foreach kernel of
+the SAM family runs once per bucket; norms stay tensors so the hot path never waits
+for the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Bucket:
+    """Parameters of ``group`` on one device and dtype; ``scaled`` marks ASAM weights."""
+
+    group: dict
+    params: list[Tensor]
+    grads: list[Tensor]
+    scaled: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def refresh_grads(self) -> None:
+        """Re-read ``p.grad`` (a backward pass may have replaced the tensors)."""
+        self.grads = [_grad_of(p) for p in self.params]
+
+
+def _grad_of(param: Tensor) -> Tensor:
+    grad = param.grad
+    if grad is None:
+        # A parameter with a gradient in the first pass but none in the second: its
+        # surrogate gradient is zero, as autograd would have accumulated nothing.
+        grad = param.grad = torch.zeros_like(param)
+    return grad
+
+
+def is_adaptive_weight(param: Tensor, name: str | None) -> bool:
+    """The official ASAM rule: weights are scaled, biases and norm shifts are not.
+
+    With parameter names (``model.named_parameters()``), every parameter whose name does
+    not end in ``bias`` counts as a weight (norm-layer scales included, as in the official
+    code, which tests ``'weight' in name``). Without names, tensors of two or more
+    dimensions count as weights, so 1-D norm-layer scales are left unscaled.
+    """
+    if name is not None:
+        return not name.rsplit(".", 1)[-1].startswith("bias")
+    return param.ndim > 1
+
+
+def make_buckets(param_groups: list[dict], adaptive_rule: bool = True) -> list[Bucket]:
+    """Buckets of the parameters that currently hold a gradient."""
+    buckets: list[Bucket] = []
+    for group in param_groups:
+        adaptive = group.get("adaptive", False)
+        names = group.get("param_names")
+        by_key: dict[tuple, Bucket] = {}
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError("the SAM family does not support sparse gradients")
+            scaled = bool(adaptive) and (
+                adaptive == "all"
+                or not adaptive_rule
+                or is_adaptive_weight(p, names[i] if names else None)
+            )
+            key = (p.device, p.dtype, scaled)
+            bucket = by_key.get(key)
+            if bucket is None:
+                bucket = by_key[key] = Bucket(group, [], [], scaled)
+            bucket.params.append(p)
+            bucket.grads.append(p.grad)
+        buckets.extend(by_key.values())
+    return buckets
+
+
+def squared_norm(tensors: list[Tensor]) -> Tensor:
+    """``Σ‖t‖²`` over a list of same-device tensors, in float32 at least."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    return torch.stack(norms).square().sum()
+
+
+def global_norm(per_bucket: list[list[Tensor]], device: torch.device) -> Tensor:
+    """``sqrt(Σ_b Σ_t ‖t‖²)`` over lists that may live on different devices."""
+    parts = [squared_norm(ts).to(device, non_blocking=True) for ts in per_bucket if ts]
+    if not parts:
+        return torch.zeros((), device=device)
+    return torch.stack(parts).sum().sqrt()
+
+
+def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """``Σ_t ⟨a_t, b_t⟩`` over one bucket's tensors (float32 at least)."""
+    dtype = torch.promote_types(a[0].dtype, torch.float32)
+    return torch.stack([torch.sum(x.to(dtype) * y.to(dtype)) for x, y in zip(a, b)]).sum()

@@ -1,0 +1,419 @@
+r"""SAM, ASAM, USAM and StableSAM: the two-pass engine of the SAM family.
+
+Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv:2010.01412) solves
+``min_w max_{‖ε‖₂≤ρ} L(w+ε)`` with one ascent step per update:
+
+.. math::
+
+    g = ∇L_B(w), \quad ε = ρ\,\frac{T^2 g}{\lVert T g\rVert_2}, \quad
+    g_s = ∇L_B(w+ε), \quad w ← \mathrm{base\_step}(w, γ\,g_s)
+
+with ``T = 1`` for SAM, the ASAM scaling ``T`` in adaptive mode, no normalisation for
+USAM (``ε = ρ T² g``), and ``γ = ‖T g‖ / ‖T g_s‖`` for StableSAM (else ``γ = 1``).
+Norms are global over every parameter that has a gradient; ρ may differ per param group.
+
+Adaptive forms (name the one you use when you report results):
+
+* ``adaptive=True`` or ``"asam"`` — the official ASAM (Kwon et al., ICML 2021):
+  ``T_w = |w| + η`` on weight tensors, ``T = 1`` on biases and norm-layer shifts,
+  η = 0.01 (``eta``); recommended ρ = 0.5 (CIFAR-10), 1.0 (CIFAR-100). Pass
+  ``model.named_parameters()`` to apply the official name rule exactly
+  (see :func:`flatmin.optim._buckets.is_adaptive_weight`).
+* ``adaptive="all"`` — the popular PyTorch port: ``T_w = |w|`` on every parameter and
+  η = 0 (set ``eta=0.0``); its recommended ρ is about 2.0.
+
+StableSAM (Tan et al., 2024, arXiv:2401.07250) renormalises the surrogate gradient so
+its norm equals the clean gradient's; ``stable_cap=True`` applies ``γ ← min(1, γ)``. Its
+authors use it on top of USAM (``normalize=False``) as well as SAM and ASAM.
+
+Two ways to drive a step::
+
+    loss = opt.step(closure, model=model)      # closure: forward + backward, returns loss
+
+    loss_fn(model(x), y).backward()
+    opt.first_step(zero_grad=True)             # w ← w + ε (a copy of w is kept)
+    with running_stats_frozen(model):
+        loss_fn(model(x), y).backward()
+    opt.second_step(zero_grad=True)            # w ← saved copy, then the base step
+
+Mixed precision: under ``torch.autocast`` nothing changes. With a
+``torch.amp.GradScaler`` scale both losses and hand the scaler to ``second_step``; it
+unscales once, skips the step when either pass produced a non-finite gradient (the
+first pass then perturbs by zero), and leaves weights and optimizer state untouched::
+
+    scaler.scale(loss_fn(model(x), y)).backward()
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(loss_fn(model(x), y)).backward()
+    opt.second_step(zero_grad=True, grad_scaler=scaler)
+    scaler.update()
+
+Gradient accumulation: call ``backward`` on every micro-batch (losses divided by their
+number) before ``first_step``, and again on every micro-batch before ``second_step``;
+the perturbation is computed once from the accumulated gradient.
+``max_grad_norm`` clips the final (surrogate) gradient, after unscaling, before the base
+optimizer sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from flatmin.optim._buckets import Bucket, global_norm, make_buckets
+from flatmin.optim.bn import running_stats_frozen
+
+_ADAPTIVE_FORMS = (False, True, "asam", "all")
+
+
+class SAM(Optimizer):
+    """Sharpness-Aware Minimization wrapping any ``torch.optim.Optimizer`` class.
+
+    Args:
+        params: parameters or param groups (named parameters are accepted and let the
+            official ASAM rule tell weights from biases by name).
+        base_optimizer: the optimizer *class* to wrap, e.g. ``torch.optim.SGD``.
+        rho: neighbourhood radius ρ ≥ 0 (per group allowed).
+        adaptive: ``False``, ``True``/``"asam"`` (official ASAM) or ``"all"``.
+        stable: StableSAM renormalisation of the surrogate gradient.
+        normalize: ``False`` gives unnormalised SAM (USAM): ``ε = ρ·T²g``.
+        eta: ASAM's η in ``T_w = |w| + η`` (per group allowed).
+        stable_cap: cap StableSAM's factor at 1.
+        max_grad_norm: clip the final gradient's global L2 norm to this value.
+        skip_nonfinite: without a GradScaler, skip the step when the first-pass gradient
+            is not finite (costs one host synchronisation per step). With a GradScaler
+            the skip is always on and free.
+        **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, …).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[Optimizer],
+        rho: float = 0.05,
+        adaptive: bool | str = False,
+        stable: bool = False,
+        *,
+        normalize: bool = True,
+        eta: float = 0.01,
+        stable_cap: bool = False,
+        max_grad_norm: float | None = None,
+        skip_nonfinite: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
+            raise TypeError(
+                "base_optimizer must be an optimizer class such as torch.optim.SGD (its "
+                f"keyword arguments go to SAM), got {base_optimizer!r}"
+            )
+        _check_rho(rho)
+        if adaptive not in _ADAPTIVE_FORMS:
+            raise ValueError(f"adaptive must be one of {_ADAPTIVE_FORMS}, got {adaptive!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        params = list(params)
+        if not params:
+            raise ValueError(
+                "SAM got an empty parameter list: pass model.parameters() (or a list of "
+                "param groups) of a model that has parameters"
+            )
+        self.normalize = normalize
+        self.stable = stable
+        self.stable_cap = stable_cap
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = skip_nonfinite
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta))
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self._link_base()
+        self.defaults.update(self.base_optimizer.defaults)
+        self._clear_transient()
+
+    # -- plumbing shared with the base optimizer -----------------------------------
+
+    def _link_base(self) -> None:
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def _clear_transient(self) -> None:
+        self._buckets: list[Bucket] | None = None
+        self._backup: list[list[Tensor]] | None = None
+        self._grad_norm: Tensor | None = None
+        self._first_finite: Tensor | None = None
+        self._base_step_pending = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        _check_rho(param_group.get("rho", self.defaults["rho"]))
+        for key in ("rho", "adaptive", "eta"):
+            param_group.setdefault(key, self.defaults[key])
+        self.base_optimizer.add_param_group(param_group)
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between ``first_step`` and ``second_step`` (weights are at ``w + ε``)."""
+        return self._backup is not None
+
+    def _reference_device(self) -> torch.device:
+        return self.param_groups[0]["params"][0].device
+
+    # -- the two passes ------------------------------------------------------------
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
+        """Move to ``w + ε`` computed from the gradient now in ``.grad``; keep ``w``."""
+        if self.is_perturbed:
+            raise RuntimeError(
+                "first_step() was called twice; call second_step() or restore_weights() "
+                "before the next first_step()"
+            )
+        self._before_first_step()
+        buckets = make_buckets(self.param_groups)
+        if not buckets:
+            raise RuntimeError(
+                "first_step() found no gradients: call loss.backward() before first_step()"
+            )
+        device = self._reference_device()
+        weighted = [self._weighted(b, b.grads) for b in buckets]
+        grad_norm = global_norm(weighted, device)
+        finite = torch.isfinite(grad_norm)
+        self._after_first_gradient(buckets, grad_norm)
+        if self.normalize:
+            factor = torch.where(finite & (grad_norm > 0), 1.0 / grad_norm, 0.0)
+        else:
+            factor = torch.where(finite, 1.0, 0.0) / _scale_of(grad_scaler, device)
+        self._backup = [torch._foreach_mul(b.params, 1.0) for b in buckets]
+        for b, wg in zip(buckets, weighted):
+            scale = (factor * b.group["rho"]).to(b.device, b.params[0].dtype)
+            eps = self._perturbation(b, wg, scale)
+            torch._foreach_add_(b.params, eps)
+        self._buckets = buckets
+        self._grad_norm = grad_norm
+        self._first_finite = finite
+        if zero_grad:
+            self.zero_grad()
+
+    def second_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
+        """Restore ``w`` exactly and apply the base optimizer with the surrogate gradient."""
+        if not self.is_perturbed:
+            raise RuntimeError("second_step() needs a first_step() before it")
+        with torch.no_grad():
+            buckets = self._buckets
+            for b in buckets:
+                b.refresh_grads()
+            self.restore_weights()
+            self._surrogate_gradient(buckets)
+            finite = self._first_finite
+        if grad_scaler is not None:
+            self._mark_nonfinite(buckets, finite)
+            grad_scaler.unscale_(self)
+            self._clip(buckets)
+            self._base_step_pending = True
+            try:
+                grad_scaler.step(self)
+            finally:
+                self._base_step_pending = False
+        elif not self.skip_nonfinite or bool(finite):
+            self._clip(buckets)
+            self._base_step_pending = True
+            try:
+                self.step()
+            finally:
+                self._base_step_pending = False
+        self._clear_transient()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        """Copy the saved ``w`` back into every perturbed parameter (exact, idempotent)."""
+        if self._backup is None:
+            return
+        for b, saved in zip(self._buckets, self._backup):
+            torch._foreach_copy_(b.params, saved)
+        self._backup = None
+
+    def step(
+        self, closure: Callable[[], Tensor] | None = None, *, model: nn.Module | None = None
+    ) -> Tensor | None:
+        """One full SAM step. ``closure`` runs forward and backward and returns the loss.
+
+        It is called twice: at ``w`` and at ``w + ε``. Pass ``model`` to keep its
+        BatchNorm statistics to the first pass. Returns the first-pass loss. If the
+        second call raises, the weights are restored before the exception propagates.
+        """
+        if closure is None:
+            if self._base_step_pending:
+                return self.base_optimizer.step()
+            raise ValueError(
+                f"{type(self).__name__}.step() needs a closure that runs the forward and "
+                "backward pass and returns the loss, e.g. opt.step(lambda: "
+                "(loss := loss_fn(model(x), y)).backward() or loss); or call "
+                "first_step() and second_step() yourself"
+            )
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        self.first_step(zero_grad=True)
+        try:
+            if model is None:
+                closure()
+            else:
+                with running_stats_frozen(model):
+                    closure()
+        except BaseException:
+            self.restore_weights()
+            self._clear_transient()
+            self.zero_grad()
+            raise
+        self.second_step()
+        return loss
+
+    # -- pieces that the rest of the family overrides -------------------------------
+
+    def _before_first_step(self) -> None:
+        """Hook: adjust per-group settings (GSAM's ρ schedule) before the ascent."""
+
+    def _after_first_gradient(self, buckets: list[Bucket], grad_norm: Tensor) -> None:
+        """Hook: the clean gradient ``g`` is in ``bucket.grads`` (keep what you need)."""
+
+    def _perturbation(self, bucket: Bucket, weighted: list[Tensor], scale: Tensor) -> list[Tensor]:
+        """``ε = scale · T ⊙ (T ⊙ g)`` for one bucket; ``weighted`` is ``T ⊙ g``."""
+        eps = torch._foreach_mul(weighted, scale)
+        if bucket.scaled:
+            torch._foreach_mul_(eps, self._adaptive_scale(bucket, bucket.params))
+        return eps
+
+    def _surrogate_gradient(self, buckets: list[Bucket]) -> None:
+        """Turn the surrogate gradient in ``.grad`` into the update direction (in place)."""
+        if not self.stable:
+            return
+        surrogate_norm = global_norm(
+            [self._weighted(b, b.grads) for b in buckets], self._reference_device()
+        )
+        gamma = torch.where(surrogate_norm > 0, self._grad_norm / surrogate_norm, 1.0)
+        if self.stable_cap:
+            gamma = torch.clamp(gamma, max=1.0)
+        for b in buckets:
+            torch._foreach_mul_(b.grads, gamma.to(b.device, b.grads[0].dtype))
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _adaptive_scale(self, bucket: Bucket, params: list[Tensor]) -> list[Tensor]:
+        """ASAM's ``T_w = |w| + η`` for a bucket of weights (η from its group)."""
+        scale = torch._foreach_abs(params)
+        eta = bucket.group["eta"] if bucket.group["adaptive"] != "all" else 0.0
+        if eta:
+            torch._foreach_add_(scale, eta)
+        return scale
+
+    def _weighted(self, bucket: Bucket, tensors: list[Tensor]) -> list[Tensor]:
+        """``T ⊙ t`` for ASAM weights, ``t`` itself otherwise."""
+        if not bucket.scaled:
+            return tensors
+        return torch._foreach_mul(tensors, self._adaptive_scale(bucket, bucket.params))
+
+    def _clip(self, buckets: list[Bucket]) -> None:
+        if self.max_grad_norm is None:
+            return
+        with torch.no_grad():
+            norm = global_norm([b.grads for b in buckets], self._reference_device())
+            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            for b in buckets:
+                torch._foreach_mul_(b.grads, coef.to(b.device, b.grads[0].dtype))
+
+    @staticmethod
+    def _mark_nonfinite(buckets: list[Bucket], finite: Tensor) -> None:
+        """Make a GradScaler see a non-finite first pass: one NaN per device."""
+        seen: set[torch.device] = set()
+        for b in buckets:
+            if b.device not in seen:
+                seen.add(b.device)
+                poison = torch.where(finite, 1.0, float("nan")).to(b.device, b.grads[0].dtype)
+                b.grads[0].mul_(poison)
+
+    # -- checkpointing ------------------------------------------------------------------
+
+    def _method_state(self) -> dict[str, Any]:
+        """The method's own persistent state (none for SAM; LookSAM keeps its counter)."""
+        return {}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        del state
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"base_optimizer": …, "method": …}``: the base optimizer's full state
+        (momentum, Adam moments, param groups with ρ) and the method's own state. The
+        transient copy of ``w`` is never saved; call it between two steps."""
+        if self.is_perturbed:
+            raise RuntimeError(
+                "state_dict() between first_step() and second_step() would pair perturbed "
+                "weights with the optimizer state; call it after second_step()"
+            )
+        return {"base_optimizer": self.base_optimizer.state_dict(), "method": self._method_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or "base_optimizer" not in state_dict:
+            raise ValueError(
+                f"expected a state dict produced by {type(self).__name__}.state_dict(), "
+                "with keys 'base_optimizer' and 'method'"
+            )
+        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+        self._link_base()
+        self._load_method_state(state_dict.get("method", {}))
+        self._clear_transient()
+
+
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al., ICML 2021), official form: ``T_w = |w| + η`` on weights.
+
+    Defaults ρ = 0.5 and η = 0.01 follow the paper's CIFAR-10 setting (use ρ = 1.0 on
+    CIFAR-100). ``adaptive="all"`` with ``eta=0`` gives the popular port's form (ρ ≈ 2).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[Optimizer],
+        rho: float = 0.5,
+        adaptive: bool | str = True,
+        stable: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, base_optimizer, rho, adaptive or True, stable, **kwargs)
+
+
+class StableSAM(SAM):
+    """StableSAM (Tan et al., 2024): SAM with the surrogate gradient renormalised to ‖g‖.
+
+    Default ρ = 0.05 as for SAM; ``normalize=False`` gives the USAM-based form that the
+    authors' code marks as the paper's, ``stable_cap=True`` the optional cap at 1.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[Optimizer],
+        rho: float = 0.05,
+        adaptive: bool | str = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, base_optimizer, rho, adaptive, stable=True, **kwargs)
+
+
+def _check_rho(rho: Any) -> None:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
+        raise ValueError(f"rho must be a non-negative number (e.g. 0.05), got {rho!r}")
+
+
+def _scale_of(grad_scaler: Any, device: torch.device) -> Tensor:
+    """The GradScaler's current scale as a tensor (1 without a scaler), without syncing."""
+    scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
+    if scale is None:
+        return torch.ones((), device=device)
+    return scale.to(device, torch.float32)
