@@ -1,0 +1,13 @@
+"""Trajectory losses: sharpness-aware training without a second pass.
+
+:class:`SAF` compares each sample's logits with its own logits of a few epochs ago (a
+per-sample store); :class:`MESA` compares them with an EMA teacher's. Both add the
+tempered KL of :func:`tempered_kl` (Du et al., NeurIPS 2022).
+"""
+
+from flatmin.trajectory.kl import tempered_kl
+from flatmin.trajectory.logit_store import LogitStore
+from flatmin.trajectory.mesa import MESA
+from flatmin.trajectory.saf import SAF
+
+__all__ = ["MESA", "SAF", "LogitStore", "tempered_kl"]

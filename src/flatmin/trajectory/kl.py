@@ -1,0 +1,74 @@
+"""The tempered KL divergence that SAF and MESA add to the training loss.
+
+Du et al., "Sharpness-Aware Training for Free", NeurIPS 2022 (arXiv 2205.14083),
+Eq. 8 and the authors' code: with a temperature ``τ`` and a constant target ``t``,
+
+    D(z, t) = τ² · mean_i KL( softmax(t_i/τ) ‖ softmax(z_i/τ) )
+            = τ² · mean_i Σ_c p_ic · (log p_ic − log q_ic),
+    p_i = softmax(t_i/τ),  q_i = softmax(z_i/τ).
+
+The τ² factor is in the official code (not in the paper's Eq. 8); it keeps the gradient's
+scale independent of τ to first order: ``∂D/∂z_i = τ·(q_i − p_i)/B``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def zero_term(logits: Tensor) -> Tensor:
+    """A zero loss term that is part of ``logits``' graph (its gradient is all zeros).
+
+    Built from an empty slice, so it is exactly 0 even when ``logits`` holds inf/NaN, and
+    ``loss + zero_term(logits)`` keeps working with ``backward()`` and with SAM's closure.
+    The dtype is the one :func:`tempered_kl` returns (at least float32).
+    """
+    return logits.narrow(0, 0, 0).sum(dtype=_compute_dtype(logits))
+
+
+def tempered_kl(
+    logits: Tensor, target_logits: Tensor, tau: float, valid: Tensor | None = None
+) -> Tensor:
+    """``τ² · mean_i KL(softmax(target_i/τ) ‖ softmax(logits_i/τ))``, target detached.
+
+    Args:
+        logits: current logits ``z``, shape ``(B, C)``; the gradient flows through them.
+        target_logits: the past/teacher logits ``t``, shape ``(B, C)``; treated as constant.
+        tau: temperature ``τ > 0``.
+        valid: optional boolean mask of shape ``(B,)``. The mean is then taken over the
+            valid rows only (``Σ_valid KL_i / #valid``) and the result is an exact zero,
+            still attached to the graph, when no row is valid. Invalid rows contribute
+            neither value nor gradient. Counting the rows stays on the device (no sync).
+
+    Returns:
+        A scalar in ``logits``' dtype promoted to at least float32 (half-precision logits
+        are upcast before the softmax, so the term is accurate under autocast).
+    """
+    if logits.dim() != 2 or target_logits.shape != logits.shape:
+        raise ValueError(
+            "expected logits and target_logits of the same shape (B, C), got "
+            f"{tuple(logits.shape)} and {tuple(target_logits.shape)}"
+        )
+    if not tau > 0:
+        raise ValueError(f"expected a temperature tau > 0, got {tau}")
+    dtype = _compute_dtype(logits)
+    log_q = F.log_softmax(logits.to(dtype) / tau, dim=1)
+    log_p = F.log_softmax(target_logits.detach().to(device=logits.device, dtype=dtype) / tau, dim=1)
+    per_row = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    if valid is None:
+        return tau * tau * per_row.mean()
+    if valid.shape != per_row.shape:
+        raise ValueError(
+            f"expected a boolean valid mask of shape ({per_row.shape[0]},), "
+            f"got {tuple(valid.shape)}"
+        )
+    valid = valid.to(device=logits.device, dtype=torch.bool)
+    kept = torch.where(valid, per_row, per_row.new_zeros(()))
+    count = valid.sum().clamp_(min=1).to(dtype)
+    return tau * tau * kept.sum() / count
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    return torch.promote_types(logits.dtype, torch.float32)

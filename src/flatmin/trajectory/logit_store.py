@@ -1,0 +1,221 @@
+"""Per-sample storage of past training logits for SAF (Du et al., NeurIPS 2022).
+
+SAF compares each sample's current logits with the logits the training forward pass
+produced for the same sample ``Ẽ`` epochs earlier. The store therefore keeps, for every
+sample, the logits of its last ``Ẽ`` epochs in ``Ẽ`` slots: epoch ``e`` uses slot
+``e mod Ẽ``, which holds epoch ``e − Ẽ``'s logits until epoch ``e`` overwrites it. Each
+visit *reads the slot before overwriting it*, so ``Ẽ`` slots suffice where the official
+code keeps ``Ẽ + 1``.
+
+Next to each slot the store keeps the epoch that wrote it (int32). A read at epoch ``e``
+is *valid* only if that epoch is exactly ``e − Ẽ``; anything else (never written, a
+skipped epoch, a slot already rewritten in epoch ``e`` because the sampler repeated the
+index) is reported invalid instead of returning a wrong target.
+
+Memory: ``num_samples · num_classes · Ẽ · itemsize`` for the logits plus
+``num_samples · Ẽ · 4`` bytes of bookkeeping (see :attr:`LogitStore.memory_bytes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+NEVER_WRITTEN = torch.iinfo(torch.int32).min
+"""Epoch recorded in a slot nothing has been written to (never equal to ``e − Ẽ``)."""
+
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What one :meth:`LogitStore.exchange` call read and how much it skipped.
+
+    Attributes:
+        targets: the stored logits read for the batch, shape ``(B, C)``, store dtype,
+            on the store's device (rows that are not ``valid`` hold arbitrary values).
+        valid: ``(B,)`` bool, True where the row was written exactly ``Ẽ`` epochs ago.
+        skipped: number of rows not recorded because they were not finite in the store
+            dtype (a 0-dim int64 tensor on the store's device).
+    """
+
+    targets: Tensor
+    valid: Tensor
+    skipped: Tensor
+
+
+class LogitStore:
+    """``Ẽ`` slots of logits per sample with the epoch that wrote each slot.
+
+    Args:
+        num_samples: size of the training set (indices are ``0 … num_samples − 1``).
+        num_classes: number of logits per sample.
+        num_slots: ``Ẽ``, the lag in epochs between a write and the read that uses it.
+        dtype: ``torch.float16`` (default: halves the memory; relative rounding error at
+            most ``2⁻¹¹`` in the normal range) or ``torch.float32``.
+        device: where the slots live; the CPU by default, the training device on request.
+        memmap_path: if given, the logit slots live in a memory-mapped file created (or
+            overwritten) at this path, for datasets whose store does not fit in memory.
+            Only with a CPU store.
+
+    Layout: ``logits[slot, sample, class]`` and ``written_epoch[slot, sample]``, so one
+    slot is a contiguous ``(num_samples, num_classes)`` table served by ``index_select``
+    and ``index_copy_``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int,
+        num_slots: int,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str = "cpu",
+        memmap_path: str | Path | None = None,
+    ) -> None:
+        for name, value in (
+            ("num_samples", num_samples),
+            ("num_classes", num_classes),
+            ("num_slots", num_slots),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+        if dtype not in _NUMPY_DTYPES:
+            raise TypeError(f"expected dtype torch.float16 or torch.float32, got {dtype}")
+        device = torch.device(device)
+        if memmap_path is not None and device.type != "cpu":
+            raise ValueError(f"a memory-mapped store must be on the CPU, got device={device}")
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.num_slots = num_slots
+        self.dtype = dtype
+        self.device = device
+        self.memmap_path = None if memmap_path is None else Path(memmap_path)
+        shape = (num_slots, num_samples, num_classes)
+        self._memmap: np.memmap | None = None
+        if self.memmap_path is None:
+            self.logits = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            self._memmap = np.memmap(
+                self.memmap_path, dtype=_NUMPY_DTYPES[dtype], mode="w+", shape=shape
+            )
+            self.logits = torch.from_numpy(self._memmap)
+        self.written_epoch = torch.full(
+            (num_slots, num_samples), NEVER_WRITTEN, dtype=torch.int32, device=device
+        )
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held: ``N·C·Ẽ·itemsize`` for the logits plus ``N·Ẽ·4`` for the epochs."""
+        return (
+            self.logits.numel() * self.logits.element_size()
+            + self.written_epoch.numel() * self.written_epoch.element_size()
+        )
+
+    def check_batch(self, logits: Tensor, indices: Tensor) -> None:
+        """Raise a ValueError/TypeError naming the expected shapes if the batch is unusable."""
+        if not isinstance(logits, Tensor) or not logits.is_floating_point():
+            raise TypeError(f"expected floating-point logits, got {_describe(logits)}")
+        if not isinstance(indices, Tensor):
+            raise TypeError(
+                "expected the batch's sample indices as an integer tensor of shape (B,) "
+                f"(wrap the dataset in flatmin.data.WithIndex), got {_describe(indices)}"
+            )
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"expected logits of shape (B, {self.num_classes}), got {tuple(logits.shape)}"
+            )
+        batch = logits.shape[0]
+        if indices.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"expected integer sample indices, got dtype {indices.dtype}")
+        if indices.shape != (batch,):
+            raise ValueError(
+                f"expected indices of shape ({batch},) to match logits {tuple(logits.shape)}, "
+                f"got {tuple(indices.shape)}"
+            )
+        if batch and (int(indices.min()) < 0 or int(indices.max()) >= self.num_samples):
+            raise ValueError(
+                f"expected indices in [0, {self.num_samples}), got values in "
+                f"[{int(indices.min())}, {int(indices.max())}]"
+            )
+
+    def exchange(
+        self, logits: Tensor, indices: Tensor, epoch: int, record: bool = True
+    ) -> Exchange:
+        """Read the batch's slot for ``epoch``, then (if ``record``) write ``logits`` there.
+
+        Each sample is read and written at most once per epoch, at its first visit:
+
+        - a row is ``valid`` if its slot was written in epoch ``epoch − Ẽ`` and no earlier
+          row of the batch has the same index (a later visit in the same epoch finds the
+          slot rewritten, so it is invalid too);
+        - a sample whose slot was already written in ``epoch`` keeps that first entry, and
+          rows that are not finite once cast to the store dtype are not written.
+
+        No host synchronization is needed apart from the validation of the indices.
+        """
+        self.check_batch(logits, indices)
+        slot = epoch % self.num_slots
+        table, epochs = self.logits[slot], self.written_epoch[slot]
+        idx = indices.to(device=self.device, dtype=torch.long)
+        old_rows = table.index_select(0, idx)
+        old_epochs = epochs.index_select(0, idx)
+        first = _first_occurrence(idx)
+        is_first = first == torch.arange(idx.numel(), device=idx.device)
+        valid = (old_epochs == epoch - self.num_slots) & is_first
+        new_rows = logits.detach().to(device=self.device, dtype=self.dtype)
+        finite = torch.isfinite(new_rows).all(dim=1)
+        skipped = (~finite).sum()
+        if record:
+            writable = (finite & (old_epochs != epoch))[first]
+            rows = torch.where(writable[:, None], new_rows[first], old_rows)
+            stamps = torch.where(writable, old_epochs.new_full((), epoch), old_epochs)
+            # Duplicate indices carry identical rows, so the order of the copies is moot.
+            table.index_copy_(0, idx, rows)
+            epochs.index_copy_(0, idx, stamps)
+        return Exchange(targets=old_rows, valid=valid, skipped=skipped)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"logits": self.logits.clone(), "written_epoch": self.written_epoch.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name in ("logits", "written_epoch"):
+            mine, theirs = getattr(self, name), state[name]
+            if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+                raise ValueError(
+                    f"expected {name} of shape {tuple(mine.shape)} and dtype {mine.dtype}, "
+                    f"got {tuple(theirs.shape)} and {theirs.dtype}"
+                )
+        self.logits.copy_(state["logits"])
+        self.written_epoch.copy_(state["written_epoch"])
+
+    def flush(self) -> None:
+        """Write a memory-mapped store's pages to its file (no-op in memory)."""
+        if self._memmap is not None:
+            self._memmap.flush()
+
+
+def _first_occurrence(idx: Tensor) -> Tensor:
+    """For each position, the position of the first occurrence of its value in ``idx``.
+
+    Fixed-size tensor ops only (a stable sort and a running maximum), so no host sync.
+    """
+    order = torch.argsort(idx, stable=True)
+    ordered = idx[order]
+    positions = torch.arange(idx.numel(), device=idx.device)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    group_start = torch.where(starts, positions, 0).cummax(dim=0).values
+    first = torch.empty_like(order)
+    first[order] = order[group_start]
+    return first
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return repr(value) if value is None else type(value).__name__

@@ -1,0 +1,194 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import flatmin
+from flatmin.trajectory import SAF
+
+
+def _numpy_term(z: np.ndarray, past: np.ndarray, lam: float, tau: float) -> float:
+    def log_softmax(a: np.ndarray) -> np.ndarray:
+        a = a / tau
+        a = a - a.max(axis=1, keepdims=True)
+        return a - np.log(np.exp(a).sum(axis=1, keepdims=True))
+
+    log_p, log_q = log_softmax(past), log_softmax(z)
+    return float(lam * tau**2 * np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+
+
+def test_public_name_is_this_class():
+    assert flatmin.SAF is SAF
+
+
+def test_zero_before_start_epoch_then_the_kl_against_lag_epochs_ago():
+    saf = SAF(num_samples=6, num_classes=4, lam=0.3, tau=5.0, lag_epochs=2, start_epoch=3)
+    idx = torch.arange(6)
+    history = {}
+    for epoch in range(7):
+        saf.set_epoch(epoch)
+        history[epoch] = torch.randn(6, 4, dtype=torch.float64) * 5
+        logits = history[epoch].clone().requires_grad_()
+        term = saf(logits, idx)
+        if epoch <= 3:  # official convention: active when epoch > start_epoch
+            assert term.item() == 0.0 and term.requires_grad
+        else:
+            past = history[epoch - 2].to(torch.float16).double().numpy()
+            expected = _numpy_term(history[epoch].numpy(), past, 0.3, 5.0)
+            assert math.isclose(term.item(), expected, rel_tol=1e-6)
+        term.backward()
+
+
+def test_term_is_exactly_zero_when_the_present_repeats_the_stored_past():
+    saf = SAF(5, 3, lag_epochs=1, start_epoch=0, store_dtype=torch.float32)
+    z = torch.randn(5, 3)
+    saf(z, torch.arange(5))
+    saf.set_epoch(1)
+    assert saf(z.clone(), torch.arange(5)).item() == 0.0
+
+
+def test_gradient_is_the_closed_form_and_skips_rows_without_a_target():
+    lam, tau = 0.3, 5.0
+    saf = SAF(8, 5, lam=lam, tau=tau, lag_epochs=1, start_epoch=0, store_dtype=torch.float32)
+    past = torch.randn(8, 5, dtype=torch.float64) * 3
+    saf(past[:6], torch.arange(6))  # samples 6 and 7 are not seen in epoch 0
+    saf.set_epoch(1)
+    z = (torch.randn(8, 5, dtype=torch.float64) * 3).requires_grad_()
+    saf(z, torch.arange(8)).backward()
+    stored = past.float().double()
+    q, p = torch.softmax(z.detach() / tau, 1), torch.softmax(stored / tau, 1)
+    closed_form = lam * tau * (q - p) / 6  # mean over the 6 rows that have a target
+    torch.testing.assert_close(z.grad[:6], closed_form[:6], rtol=1e-6, atol=1e-12)
+    assert torch.all(z.grad[6:] == 0)
+
+
+def test_a_second_pass_over_the_same_batch_reuses_targets_and_records_nothing():
+    saf = SAF(6, 3, lam=0.3, tau=5.0, lag_epochs=1, start_epoch=0)
+    past = torch.randn(6, 3, dtype=torch.float64)
+    saf(past, torch.arange(6))
+    saf.set_epoch(1)
+    idx = torch.tensor([4, 0, 2])
+    first_pass = torch.randn(3, 3, dtype=torch.float64)
+    saf(first_pass, idx)
+    store_after_first = saf.store.logits.clone()
+    perturbed = first_pass * 1.5
+    term_second = saf(perturbed, idx.clone())  # equal indices, another tensor
+    target = past[idx].half().double().numpy()
+    expected = _numpy_term(perturbed.numpy(), target, 0.3, 5.0)
+    assert math.isclose(term_second.item(), expected, rel_tol=1e-6)
+    assert torch.equal(saf.store.logits, store_after_first)
+    assert torch.equal(saf.store.logits[0, idx], first_pass.half())
+
+
+def test_record_false_leaves_the_store_alone():
+    saf = SAF(4, 3, lag_epochs=1, start_epoch=0)
+    saf(torch.randn(4, 3), torch.arange(4))
+    before = saf.store.logits.clone(), saf.store.written_epoch.clone()
+    saf.set_epoch(1)
+    assert saf(torch.randn(4, 3), torch.arange(4), record=False).item() > 0
+    assert torch.equal(saf.store.logits, before[0])
+    assert torch.equal(saf.store.written_epoch, before[1])
+
+
+def test_non_finite_rows_warn_with_their_count():
+    saf = SAF(4, 3)
+    logits = torch.randn(4, 3)
+    logits[0, 1] = float("inf")
+    logits[3, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="2 logit row"):
+        saf(logits, torch.arange(4))
+    assert saf.store.written_epoch[0].tolist()[1:3] == [0, 0]
+
+
+def test_bad_input_names_the_expected_shape_and_changes_nothing():
+    saf = SAF(10, 4, lag_epochs=1, start_epoch=0)
+    saf(torch.randn(10, 4), torch.arange(10))
+    saf.set_epoch(1)
+    before = saf.store.logits.clone(), saf.store.written_epoch.clone()
+    with pytest.raises(ValueError, match=r"expected logits of shape \(B, 4\)"):
+        saf(torch.randn(3, 5), torch.arange(3))
+    with pytest.raises(ValueError, match=r"expected indices of shape \(3,\)"):
+        saf(torch.randn(3, 4), torch.arange(4))
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        saf(torch.randn(3, 4), torch.tensor([1, 2, 10]))
+    with pytest.raises(TypeError, match="WithIndex"):
+        saf(torch.randn(3, 4), None)
+    assert torch.equal(saf.store.logits, before[0])
+    assert torch.equal(saf.store.written_epoch, before[1])
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="lag_epochs"):
+        SAF(10, 4, lag_epochs=0)
+    with pytest.raises(ValueError, match="tau"):
+        SAF(10, 4, tau=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        SAF(10, 0)
+    with pytest.raises(ValueError, match="epoch"):
+        SAF(10, 4).set_epoch(-1)
+
+
+def test_memory_bytes_for_cifar10_and_the_documented_imagenet_figure():
+    assert SAF(50_000, 10).memory_bytes == 50_000 * 10 * 3 * 2 + 50_000 * 3 * 4
+    n, c = 1_281_167, 1000
+    imagenet = n * c * 3 * 2 + n * 3 * 4
+    assert round(imagenet / 2**20) == 7346  # the figure SAF's docstring quotes
+    assert "7,346 MiB" in SAF.__doc__
+    assert "14,643 MB" in SAF.__doc__
+
+
+def test_float32_store_on_request():
+    saf = SAF(3, 2, store_dtype=torch.float32)
+    assert saf.store.logits.dtype == torch.float32
+    assert saf.memory_bytes == 3 * 2 * 3 * 4 + 3 * 3 * 4
+
+
+def _tiny_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _train(model, opt, saf, epochs, x, y):
+    for epoch in epochs:
+        saf.set_epoch(epoch)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        for idx in order.split(5):
+            logits = model(x[idx])
+            loss = F.cross_entropy(logits, y[idx]) + saf(logits, idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def _fresh(seed):
+    torch.manual_seed(seed)
+    model = _tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    saf = SAF(20, 3, lam=1.0, lag_epochs=2, start_epoch=1)
+    return model, opt, saf
+
+
+def test_resume_is_bit_exact(tmp_path):
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    model, opt, saf = _fresh(0)
+    _train(model, opt, saf, range(6), x, y)
+
+    first = _fresh(0)
+    _train(*first, range(3), x, y)
+    torch.save(
+        {name: part.state_dict() for name, part in zip(("m", "o", "s"), first, strict=True)},
+        tmp_path / "ckpt.pt",
+    )
+    resumed = _fresh(1)  # different init: everything must come from the checkpoint
+    state = torch.load(tmp_path / "ckpt.pt")
+    for name, part in zip(("m", "o", "s"), resumed, strict=True):
+        part.load_state_dict(state[name])
+    _train(*resumed, range(3, 6), x, y)
+
+    for mine, theirs in zip(model.state_dict().values(), resumed[0].state_dict().values()):
+        assert torch.equal(mine, theirs)
+    assert torch.equal(saf.store.logits, resumed[2].store.logits)
+    assert torch.equal(saf.store.written_epoch, resumed[2].store.written_epoch)
+    assert saf.epoch == resumed[2].epoch == 5
