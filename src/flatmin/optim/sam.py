@@ -38,8 +38,8 @@ Two ways to drive a step::
 
 Mixed precision: under ``torch.autocast`` nothing changes. With a
 ``torch.amp.GradScaler`` scale both losses and hand the scaler to ``second_step``; it
-unscales once, skips the step when either pass produced a non-finite gradient (the
-first pass then perturbs by zero), and leaves weights and optimizer state untouched::
+unscales once, skips the step when either pass produced a non-finite gradient, and
+restores the weights, so weights and optimizer state are left untouched::
 
     scaler.scale(loss_fn(model(x), y)).backward()
     opt.first_step(zero_grad=True, grad_scaler=scaler)
@@ -187,7 +187,8 @@ class SAM(Optimizer):
         if self.normalize:
             factor = torch.where(finite & (grad_norm > 0), 1.0 / grad_norm, 0.0)
         else:
-            factor = torch.where(finite, 1.0, 0.0) / _scale_of(grad_scaler, device)
+            factor = torch.where(finite, 1.0, 0.0).to(grad_norm.dtype)
+            factor = factor / _scale_of(grad_scaler, device)
         self._backup = [torch._foreach_mul(b.params, 1.0) for b in buckets]
         for b, wg in zip(buckets, weighted):
             scale = (factor * b.group["rho"]).to(b.device, b.params[0].dtype)

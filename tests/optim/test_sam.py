@@ -1,0 +1,327 @@
+"""SAM, ASAM, USAM and StableSAM against closed forms on L(w) = ½ wᵀAw, and their API."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from flatmin import ASAM, SAM, StableSAM
+
+DT = torch.float64
+
+
+class Quadratic(nn.Module):
+    """L([w; b]) = ½ [w; b]ᵀ A [w; b] with a 'weight' and a 'bias' parameter."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor, A: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(w.clone())
+        self.bias = nn.Parameter(b.clone())
+        self.register_buffer("A", A)
+
+    def forward(self) -> torch.Tensor:
+        v = torch.cat([self.weight.reshape(-1), self.bias])
+        return 0.5 * v @ self.A @ v
+
+
+def make_problem(n_w=6, n_b=3, weight_shape=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = n_w + n_b
+    M = torch.randn(n, n, generator=g, dtype=DT)
+    A = M @ M.T / n + torch.eye(n, dtype=DT)
+    w = torch.randn(n_w, generator=g, dtype=DT)
+    b = torch.randn(n_b, generator=g, dtype=DT)
+    if weight_shape is not None:
+        w = w.reshape(weight_shape)
+    return w, b, A
+
+
+def grad_at(A, v):
+    return A @ v
+
+
+def one_step(opt, model):
+    opt.zero_grad()
+    return opt.step(lambda: (loss := model()).backward() or loss)
+
+
+def flat(model):
+    return torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+
+
+LR = 0.1
+
+
+def expected_step(A, v, eps, gamma=1.0):
+    """v − lr·γ·∇L(v + ε) for plain SGD."""
+    return v - LR * gamma * grad_at(A, v + eps)
+
+
+def test_sam_perturbation_and_update_match_closed_form():
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    v = flat(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=LR)
+    one_step(opt, model)
+    g = grad_at(A, v)
+    eps = 0.05 * g / g.norm()
+    torch.testing.assert_close(flat(model), expected_step(A, v, eps), rtol=0, atol=1e-14)
+
+
+def test_first_step_moves_to_w_plus_eps_exactly_as_closed_form():
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    v = flat(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=LR)
+    model().backward()
+    opt.first_step(zero_grad=True)
+    g = grad_at(A, v)
+    torch.testing.assert_close(flat(model), v + 0.3 * g / g.norm(), rtol=0, atol=1e-14)
+    assert all(p.grad is None for p in model.parameters())
+    model().backward()
+    opt.second_step()
+    assert not opt.is_perturbed
+
+
+def test_asam_official_form_scales_weights_not_biases():
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    v = flat(model)
+    eta, rho = 0.01, 0.5
+    opt = ASAM(model.named_parameters(), torch.optim.SGD, rho=rho, eta=eta, lr=LR)
+    one_step(opt, model)
+    g = grad_at(A, v)
+    T = torch.cat([w.abs() + eta, torch.ones_like(b)])
+    eps = rho * T * T * g / (T * g).norm()
+    torch.testing.assert_close(flat(model), expected_step(A, v, eps), rtol=0, atol=1e-14)
+
+
+def test_asam_without_names_scales_tensors_of_two_or_more_dims():
+    w, b, A = make_problem(weight_shape=(2, 3))
+    model = Quadratic(w, b, A)
+    v = flat(model)
+    opt = ASAM(model.parameters(), torch.optim.SGD, rho=0.5, eta=0.01, lr=LR)
+    one_step(opt, model)
+    g = grad_at(A, v)
+    T = torch.cat([w.reshape(-1).abs() + 0.01, torch.ones_like(b)])
+    eps = 0.5 * T * T * g / (T * g).norm()
+    torch.testing.assert_close(flat(model), expected_step(A, v, eps), rtol=0, atol=1e-14)
+
+
+def test_asam_all_parameter_form_of_the_popular_port():
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    v = flat(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=2.0, adaptive="all", eta=0.0, lr=LR)
+    one_step(opt, model)
+    g = grad_at(A, v)
+    T = v.abs()
+    eps = 2.0 * T * T * g / (T * g).norm()
+    torch.testing.assert_close(flat(model), expected_step(A, v, eps), rtol=0, atol=1e-14)
+
+
+def test_usam_is_unnormalized():
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    v = flat(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, normalize=False, lr=LR)
+    one_step(opt, model)
+    eps = 0.05 * grad_at(A, v)
+    torch.testing.assert_close(flat(model), expected_step(A, v, eps), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("cap", [False, True])
+@pytest.mark.parametrize("rho", [0.05, 3.0])
+def test_stablesam_renormalizes_to_the_clean_gradient_norm(cap, rho):
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    v = flat(model)
+    opt = StableSAM(model.parameters(), torch.optim.SGD, rho=rho, stable_cap=cap, lr=LR)
+    one_step(opt, model)
+    g = grad_at(A, v)
+    eps = rho * g / g.norm()
+    gamma = g.norm() / grad_at(A, v + eps).norm()
+    if cap:
+        gamma = min(gamma, torch.tensor(1.0, dtype=DT))
+    torch.testing.assert_close(flat(model), expected_step(A, v, eps, gamma), rtol=0, atol=1e-14)
+
+
+def test_stable_asam_uses_weighted_norms():
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    v = flat(model)
+    opt = SAM(model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=True, stable=True, lr=LR)
+    one_step(opt, model)
+    g = grad_at(A, v)
+    T = torch.cat([w.abs() + 0.01, torch.ones_like(b)])
+    eps = 0.5 * T * T * g / (T * g).norm()
+    gamma = (T * g).norm() / (T * grad_at(A, v + eps)).norm()
+    torch.testing.assert_close(flat(model), expected_step(A, v, eps, gamma), rtol=0, atol=1e-14)
+
+
+def test_per_group_rho_uses_the_global_norm():
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    v = flat(model)
+    groups = [{"params": [model.weight], "rho": 0.2}, {"params": [model.bias], "rho": 0.0}]
+    opt = SAM(groups, torch.optim.SGD, rho=0.05, lr=LR)
+    model().backward()
+    opt.first_step(zero_grad=True)
+    g = grad_at(A, v)
+    eps = g / g.norm() * torch.cat([torch.full_like(w, 0.2), torch.zeros_like(b)])
+    torch.testing.assert_close(flat(model), v + eps, rtol=0, atol=1e-14)
+    opt.restore_weights()
+
+
+def test_zero_gradient_gives_zero_perturbation_not_nan():
+    w, b, A = make_problem()
+    model = Quadratic(torch.zeros_like(w), torch.zeros_like(b), A)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=LR)
+    one_step(opt, model)
+    assert torch.equal(flat(model), torch.zeros_like(flat(model)))
+
+
+def test_clipping_bounds_the_final_gradient():
+    w, b, A = make_problem()
+    model = Quadratic(10 * w, 10 * b, A)
+    v = flat(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=LR, max_grad_norm=0.5)
+    one_step(opt, model)
+    g = grad_at(A, v)
+    g_s = grad_at(A, v + 0.05 * g / g.norm())
+    assert g_s.norm() > 0.5
+    expected = v - LR * g_s * (0.5 / (g_s.norm() + 1e-6))
+    torch.testing.assert_close(flat(model), expected, rtol=0, atol=1e-12)
+
+
+def test_gradient_accumulation_equals_the_full_batch_step():
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+
+    def build():
+        torch.manual_seed(2)
+        net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        return net, SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.5, momentum=0.9)
+
+    full, opt_full = build()
+    for _ in range(3):
+        opt_full.zero_grad()
+        nn.functional.cross_entropy(full(x), y).backward()
+        opt_full.first_step(zero_grad=True)
+        nn.functional.cross_entropy(full(x), y).backward()
+        opt_full.second_step(zero_grad=True)
+
+    acc, opt_acc = build()
+    for _ in range(3):
+        for xs, ys in zip(x.chunk(2), y.chunk(2)):
+            (nn.functional.cross_entropy(acc(xs), ys) / 2).backward()
+        opt_acc.first_step(zero_grad=True)
+        for xs, ys in zip(x.chunk(2), y.chunk(2)):
+            (nn.functional.cross_entropy(acc(xs), ys) / 2).backward()
+        opt_acc.second_step(zero_grad=True)
+    for p, q in zip(full.parameters(), acc.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_lr_scheduler_attached_to_sam_warns_nothing(explicit):
+    net = nn.Linear(3, 2)
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    x = torch.randn(4, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+        for _ in range(3):
+            opt.zero_grad()
+            if explicit:
+                net(x).square().mean().backward()
+                opt.first_step(zero_grad=True)
+                net(x).square().mean().backward()
+                opt.second_step()
+            else:
+                opt.step(lambda: (loss := net(x).square().mean()).backward() or loss)
+            sched.step()
+    assert [str(w.message) for w in caught] == []
+    expected_lr = 0.05 * (1 + torch.cos(torch.tensor(3 * torch.pi / 4))).item() * 1.0
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr)
+
+
+def test_step_returns_the_first_pass_loss():
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    first = model().detach()
+    loss = one_step(SAM(model.parameters(), torch.optim.SGD, lr=LR), model)
+    assert torch.equal(loss.detach(), first)
+
+
+def test_state_dict_holds_base_state_and_no_transient_copies():
+    net = nn.Linear(3, 2)
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    opt.step(lambda: (loss := net(torch.ones(1, 3)).sum()).backward() or loss)
+    sd = opt.state_dict()
+    base_state = sd["base_optimizer"]["state"]
+    assert set(base_state) == {0, 1}
+    assert all(set(s) == {"momentum_buffer"} for s in base_state.values())
+    assert sd["base_optimizer"]["param_groups"][0]["rho"] == 0.05
+    net(torch.ones(1, 3)).sum().backward()
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="after second_step"):
+        opt.state_dict()
+    opt.restore_weights()
+
+
+class TestBadInput:
+    def test_negative_rho(self):
+        with pytest.raises(ValueError, match="non-negative"):
+            SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, rho=-0.1, lr=0.1)
+
+    def test_negative_rho_in_added_group_leaves_groups_alone(self):
+        opt = SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1)
+        with pytest.raises(ValueError, match="non-negative"):
+            opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "rho": -1})
+        assert len(opt.param_groups) == 1
+
+    def test_empty_parameter_list(self):
+        with pytest.raises(ValueError, match=r"model\.parameters\(\)"):
+            SAM([], torch.optim.SGD, lr=0.1)
+
+    def test_base_optimizer_instance_instead_of_class(self):
+        net = nn.Linear(2, 2)
+        with pytest.raises(TypeError, match=r"optimizer class such as torch\.optim\.SGD"):
+            SAM(net.parameters(), torch.optim.SGD(net.parameters(), lr=0.1))
+
+    def test_unknown_adaptive_form(self):
+        with pytest.raises(ValueError, match="adaptive must be one of"):
+            SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, adaptive="yes", lr=0.1)
+
+    def test_step_without_closure(self):
+        opt = SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1)
+        with pytest.raises(ValueError, match="needs a closure"):
+            opt.step()
+
+    def test_second_step_without_first(self):
+        opt = SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1)
+        with pytest.raises(RuntimeError, match="needs a first_step"):
+            opt.second_step()
+
+    def test_first_step_twice_leaves_weights_at_the_first_perturbation(self):
+        net = nn.Linear(2, 2)
+        before = [p.detach().clone() for p in net.parameters()]
+        opt = SAM(net.parameters(), torch.optim.SGD, lr=0.1)
+        net(torch.ones(1, 2)).sum().backward()
+        opt.first_step()
+        perturbed = [p.detach().clone() for p in net.parameters()]
+        with pytest.raises(RuntimeError, match="called twice"):
+            opt.first_step()
+        assert all(torch.equal(p, q) for p, q in zip(net.parameters(), perturbed))
+        opt.restore_weights()
+        assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+
+    def test_load_state_dict_of_wrong_kind(self):
+        net = nn.Linear(2, 2)
+        opt = SAM(net.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        with pytest.raises(ValueError, match="base_optimizer"):
+            opt.load_state_dict(torch.optim.SGD(net.parameters(), lr=0.1).state_dict())
