@@ -172,6 +172,36 @@ def test_cifar10_from_written_pickles(tmp_path):
     np.testing.assert_allclose(bundle.test[4][0].numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_cifar100_has_100_classes(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 8), ("test", 3)):
+        batch = {
+            b"fine_labels": rng.integers(0, 100, n).tolist(),
+            b"coarse_labels": rng.integers(0, 20, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"x"] * 100}))
+    bundle = load_dataset("cifar100", folder, label_noise=0.5)
+    assert bundle.num_classes == 100 and len(bundle.train) == 8
+    assert bundle.metadata["num_flipped"] == 4
+
+
+def test_names_are_case_and_underscore_insensitive(tmp_path):
+    write_fake_fashion(tmp_path)
+    assert load_dataset("Fashion_MNIST", tmp_path).name == "fashion-mnist"
+
+
+def test_items_are_copies_not_views_of_the_stored_data(mnist1d_cache):
+    bundle = load_dataset("mnist1d", mnist1d_cache)
+    before = bundle.train.inputs[0].clone()
+    x, _ = bundle.train[0]
+    x.add_(1.0)
+    assert torch.equal(bundle.train.inputs[0], before)
+
+
 # ---------------------------------------------------------------- label noise and splits
 
 

@@ -107,9 +107,11 @@ class InMemoryDataset(Dataset):
     def _prepare(self, raw: Tensor) -> Tensor:
         if self.augment:
             raw = random_crop_flip(raw)
-        x = raw.float() / 255 if raw.dtype == torch.uint8 else raw.float()
+        x = raw.to(torch.float32, copy=True)  # never a view of the stored data
+        if raw.dtype == torch.uint8:
+            x /= 255
         if self._mean is not None:
-            x = (x - self._mean) / self._std
+            x.sub_(self._mean).div_(self._std)
         return x
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
@@ -161,6 +163,19 @@ def symmetric_label_noise(
     return noisy
 
 
+@dataclass(frozen=True)
+class _Raw:
+    """A dataset as read from disk: ``(N, C, ...)`` inputs and int labels per split."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    source: str
+    num_classes: int
+    standardize: bool = True  # False when the data come standardized already
+
+
 def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of ``(N, C, ...)`` images, uint8 scaled to [0, 1].
 
@@ -182,7 +197,7 @@ def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return means, stds
 
 
-def _fashion_mnist(data_dir: str | Path | None) -> tuple[np.ndarray, ...]:
+def _fashion_mnist(data_dir: str | Path | None) -> _Raw:
     root = Path(data_dir).expanduser() if data_dir is not None else FASHION_MNIST_DIR
     if (root / "fashion-mnist").is_dir():
         root = root / "fashion-mnist"
@@ -206,10 +221,10 @@ def _fashion_mnist(data_dir: str | Path | None) -> tuple[np.ndarray, ...]:
             )
         if labels.shape != (images.shape[0],) or labels.max(initial=0) >= 10:
             raise ValueError(f"{root}: {split} labels must be {images.shape[0]} values in [0, 10)")
-    return train_x[:, None], train_y, test_x[:, None], test_y, root
+    return _Raw(train_x[:, None], train_y, test_x[:, None], test_y, str(root), 10)
 
 
-def _digits() -> tuple[np.ndarray, ...]:
+def _digits() -> _Raw:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -218,22 +233,22 @@ def _digits() -> tuple[np.ndarray, ...]:
     train_x, test_x, train_y, test_y = train_test_split(
         x, digits.target, test_size=360, stratify=digits.target, random_state=0
     )
-    return train_x, train_y, test_x, test_y, "sklearn.datasets.load_digits"
+    return _Raw(train_x, train_y, test_x, test_y, "sklearn.datasets.load_digits", 10)
 
 
-def _read(name: str, data_dir: str | Path | None) -> tuple[np.ndarray, ...]:
-    """``(train_x, train_y, test_x, test_y, source, num_classes, standardize)``."""
+def _read(name: str, data_dir: str | Path | None) -> _Raw:
     if name == "mnist1d":
         cache_dir = Path(data_dir).expanduser() if data_dir is not None else default_cache_dir()
         arrays, path = load_mnist1d(cache_dir)
+        x, x_test = arrays["x"][:, None], arrays["x_test"][:, None]  # (N, 1, 40)
         # The generator already standardized the whole dataset to mean 0, std 1.
-        return (arrays["x"][:, None], arrays["y"], arrays["x_test"][:, None], arrays["y_test"],
-                path, 10, False)  # fmt: skip
+        return _Raw(x, arrays["y"], x_test, arrays["y_test"], str(path), 10, standardize=False)
     if name == "fashion-mnist":
-        return (*_fashion_mnist(data_dir), 10, True)
+        return _fashion_mnist(data_dir)
     if name == "digits":
-        return (*_digits(), 10, True)
-    return (*read_cifar(name, data_dir), CIFAR_LAYOUTS[name].num_classes, True)
+        return _digits()
+    train_x, train_y, test_x, test_y, folder = read_cifar(name, data_dir)
+    return _Raw(train_x, train_y, test_x, test_y, str(folder), CIFAR_LAYOUTS[name].num_classes)
 
 
 def _check_args(seed: int, label_noise: float, val_fraction: float, subset: int | None) -> None:
@@ -271,22 +286,23 @@ def load_dataset(
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     _check_args(seed, label_noise, val_fraction, subset)
-    train_x, train_y, test_x, test_y, source, num_classes, standardize = _read(key, data_dir)
-    mean, std = _channel_stats(train_x) if standardize else (None, None)
+    raw = _read(key, data_dir)
+    mean, std = _channel_stats(raw.train_x) if raw.standardize else (None, None)
     use_augment = augment and key in CIFAR_LAYOUTS
     train = InMemoryDataset(
-        torch.from_numpy(np.ascontiguousarray(train_x)),
-        torch.from_numpy(np.asarray(train_y, dtype=np.int64)),
+        torch.from_numpy(np.ascontiguousarray(raw.train_x)),
+        torch.from_numpy(np.asarray(raw.train_y, dtype=np.int64)),
         mean=mean,
         std=std,
         augment=use_augment,
     )
     test = InMemoryDataset(
-        torch.from_numpy(np.ascontiguousarray(test_x)),
-        torch.from_numpy(np.asarray(test_y, dtype=np.int64)),
+        torch.from_numpy(np.ascontiguousarray(raw.test_x)),
+        torch.from_numpy(np.asarray(raw.test_y, dtype=np.int64)),
         mean=mean,
         std=std,
     )
+    num_classes = raw.num_classes
 
     def rng(stream: int) -> np.random.Generator:
         return np.random.default_rng([seed, stream])
@@ -321,7 +337,7 @@ def load_dataset(
         )  # fmt: skip
 
     metadata = {
-        "source": str(source),
+        "source": raw.source,
         "seed": seed,
         "num_train": len(train),
         "num_val": 0 if val is None else len(val),
