@@ -189,11 +189,11 @@ class SAM(Optimizer):
         else:
             factor = torch.where(finite, 1.0, 0.0).to(grad_norm.dtype)
             factor = factor / _scale_of(grad_scaler, device)
-        self._backup = [torch._foreach_mul(b.params, 1.0) for b in buckets]
-        for b, wg in zip(buckets, weighted):
+        self._backup = self._backup_buffers(buckets)
+        for b, saved, wg in zip(buckets, self._backup, weighted):
+            torch._foreach_copy_(saved, b.params)
             scale = (factor * b.group["rho"]).to(b.device, b.params[0].dtype)
-            eps = self._perturbation(b, wg, scale)
-            torch._foreach_add_(b.params, eps)
+            self._perturb(b, wg, scale)
         self._buckets = buckets
         self._grad_norm = grad_norm
         self._first_finite = finite
@@ -283,12 +283,26 @@ class SAM(Optimizer):
     def _after_first_gradient(self, buckets: list[Bucket], grad_norm: Tensor) -> None:
         """Hook: the clean gradient ``g`` is in ``bucket.grads`` (keep what you need)."""
 
-    def _perturbation(self, bucket: Bucket, weighted: list[Tensor], scale: Tensor) -> list[Tensor]:
-        """``ε = scale · T ⊙ (T ⊙ g)`` for one bucket; ``weighted`` is ``T ⊙ g``."""
-        eps = torch._foreach_mul(weighted, scale)
+    def _perturb(self, bucket: Bucket, weighted: list[Tensor], scale: Tensor) -> None:
+        """``w ← w + ε`` with ``ε = scale · T ⊙ (T ⊙ g)``; ``weighted`` is ``T ⊙ g``.
+
+        One fused in-place ``addcmul`` per tensor: no ε is ever materialised.
+        """
         if bucket.scaled:
-            torch._foreach_mul_(eps, self._adaptive_scale(bucket, bucket.params))
-        return eps
+            factors = self._adaptive_scale(bucket, bucket.params)
+            torch._foreach_mul_(factors, scale)
+        else:
+            factors = [scale] * len(weighted)
+        torch._foreach_addcmul_(bucket.params, weighted, factors)
+
+    def _backup_buffers(self, buckets: list[Bucket]) -> list[list[Tensor]]:
+        """Buffers for the copy of ``w``, allocated once and reused while the set of
+        parameters with gradients stays the same (they are never checkpointed)."""
+        key = [tuple(id(p) for p in b.params) for b in buckets]
+        if getattr(self, "_backup_key", None) != key:
+            self._backup_key = key
+            self._backup_store = [[torch.empty_like(p) for p in b.params] for b in buckets]
+        return self._backup_store
 
     def _surrogate_gradient(self, buckets: list[Bucket]) -> None:
         """Turn the surrogate gradient in ``.grad`` into the update direction (in place)."""
