@@ -1,0 +1,207 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flatmin.train import checkpoint as ckpt
+from flatmin.train.loop import TrainConfig, Trainer, evaluate, lr_factor, resume_conflicts
+
+# Methods whose loss terms are active from the second epoch (start_epoch 0, lag 1), so a
+# resumed run must restore the SAF store and the MESA teacher to match.
+FAST = {
+    "sgd": {},
+    "adamw": {},
+    "sam": {},
+    "saf": {"start_epoch": 0, "lag_epochs": 1},
+    "mesa": {"start_epoch": 0, "ema_decay": 0.9},
+}
+
+
+def _config(method: str = "sgd", **overrides) -> TrainConfig:
+    settings = dict(
+        method=method,
+        dataset="digits",
+        model="cnn",  # has BatchNorm: its buffers must survive a resume too
+        epochs=4,
+        batch_size=32,
+        subset=96,
+        label_noise=0.2,
+        hyperparameters=dict(FAST.get(method, {})),
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _state(run_dir):
+    return torch.load(run_dir / ckpt.CHECKPOINT_NAME, weights_only=True)
+
+
+def _assert_same_tensors(a, b, where="checkpoint"):
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            _assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _without_times(records):
+    return [{k: v for k, v in r.items() if k not in ("wall_time", "images_per_s")} for r in records]
+
+
+@pytest.mark.parametrize("method", list(FAST))
+def test_resume_is_bit_exact(tmp_path, method):
+    straight = Trainer(_config(method), tmp_path / "straight", progress=False).run()
+    Trainer(_config(method), tmp_path / "split", progress=False).run(stop_after=2)
+    resumed = Trainer(_config(method), tmp_path / "split", progress=False).run(resume=True)
+
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "split")
+    assert a["epoch"] == b["epoch"] == 4
+    for key in ("model", "optimizer", "scheduler", "method_state", "rng"):
+        _assert_same_tensors(a[key], b[key], key)
+    assert _without_times(straight) == _without_times(resumed)
+    assert _without_times(ckpt.read_metrics(tmp_path / "split" / "metrics.jsonl")) == (
+        _without_times(straight)
+    )
+
+
+def test_checkpoint_contract(tmp_path):
+    Trainer(_config("sam", epochs=1), tmp_path, progress=False).run()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain torch.load
+    assert set(ckpt.CHECKPOINT_KEYS) <= set(state)
+    config = state["config"]
+    for key in ("method", "model", "dataset", "data_dir", "seed", "rho", "lr", "momentum"):
+        assert key in config
+    assert (config["method"], config["model"], config["dataset"]) == ("sam", "cnn", "digits")
+    assert state["epoch"] == 1
+    assert "base_optimizer" in state["optimizer"]  # SAM nests the base optimizer's state
+    on_disk = json.loads((tmp_path / "config.json").read_text())
+    assert on_disk["method"] == "sam"
+    assert on_disk["data"]["num_flipped"] == round(0.2 * 96)
+    (record,) = ckpt.read_metrics(tmp_path / "metrics.jsonl")
+    for key in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
+                "images_per_s", "wall_time"):  # fmt: skip
+        assert key in record
+    # The saved config rebuilds the same run.
+    assert TrainConfig.from_dict(config).to_dict() == config
+
+
+def test_ctrl_c_keeps_the_last_complete_epoch(tmp_path):
+    def interrupt(epoch, step):
+        if epoch == 1 and step == 1:
+            raise KeyboardInterrupt
+
+    trainer = Trainer(_config("saf"), tmp_path / "run", progress=False, step_callbacks=[interrupt])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    state = _state(tmp_path / "run")
+    assert state["epoch"] == 1
+    assert [r["epoch"] for r in ckpt.read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
+    assert not list((tmp_path / "run").glob("*.tmp")) and not list((tmp_path / "run").glob(".*"))
+
+    # Resuming the interrupted run gives exactly the uninterrupted one.
+    Trainer(_config("saf"), tmp_path / "run", progress=False).run(resume=True)
+    Trainer(_config("saf"), tmp_path / "straight", progress=False).run()
+    _assert_same_tensors(_state(tmp_path / "run")["model"], _state(tmp_path / "straight")["model"])
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    Trainer(_config(epochs=1), tmp_path, progress=False).run()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"already holds a run.*--resume"):
+        Trainer(_config(epochs=1), tmp_path, progress=False).run()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_refuses_another_method_model_or_dataset(tmp_path):
+    Trainer(_config(epochs=2), tmp_path, progress=False).run(stop_after=1)
+    for changed, reason in [
+        ({"method": "sam"}, "trained with method 'sgd', not 'sam'"),
+        ({"model": "mlp"}, "trained with model 'cnn', not 'mlp'"),
+        ({"dataset": "mnist1d", "model": "cnn"}, "trained with dataset 'digits'"),
+        ({"label_noise": 0.4}, "label_noise 0.2 → 0.4"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            Trainer(_config(epochs=2, **changed), tmp_path, progress=False).run(resume=True)
+    assert _state(tmp_path)["epoch"] == 1
+
+
+def test_resume_conflicts_ignores_thread_count():
+    config = _config().resolved().to_dict()
+    assert resume_conflicts(config, {**config, "threads": 2}) == []
+
+
+def test_config_rejects_unknown_names_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown model 'vgg'.*mlp.*resnet18"):
+        _config(model="vgg").resolved()
+    with pytest.raises(ValueError, match=r"unknown dataset 'svhn'.*mnist1d.*cifar100"):
+        _config(dataset="svhn").resolved()
+    with pytest.raises(ValueError, match=r"unknown method 'lion'.*sgd.*mesa"):
+        _config(method="lion").resolved()
+
+
+def test_cosine_and_step_schedules_closed_form():
+    cosine = lr_factor(_config(epochs=4, schedule="cosine").resolved(), steps_per_epoch=10)
+    assert cosine(0) == 1.0
+    assert cosine(20) == pytest.approx(0.5)
+    assert cosine(10) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    step = lr_factor(_config(epochs=4, schedule="step", step_milestones=(0.5, 0.75)).resolved(), 10)
+    assert [step(s) for s in (0, 19, 20, 29, 30, 39)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    warm = lr_factor(_config(epochs=4, warmup_epochs=1).resolved(), 10)
+    assert [warm(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert warm(10) == 1.0  # cosine starts after the warm-up
+
+
+def test_logged_learning_rate_follows_the_schedule(tmp_path):
+    records = Trainer(_config(epochs=2, schedule="step", step_milestones=(0.5,)), tmp_path,
+                      progress=False).run()  # fmt: skip
+    assert [r["lr"] for r in records] == pytest.approx([0.1, 0.01])
+
+
+def test_evaluate_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4)
+    x, y = torch.randn(10, 3), torch.randint(0, 4, (10,))
+    loss, acc = evaluate(model, [(x[:6], y[:6]), (x[6:], y[6:])])
+    with torch.no_grad():
+        logits = model(x)
+    assert loss == pytest.approx(float(F.cross_entropy(logits, y)))
+    assert acc == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+
+
+def test_tracked_sharpness_is_the_sam_sharpness_of_the_saved_weights(tmp_path):
+    config = _config("sgd", model="mlp", epochs=1, track_sharpness=True, label_noise=0.0)
+    (record,) = Trainer(config, tmp_path, progress=False).run()
+
+    from flatmin.train.data import load_dataset
+    from flatmin.train.models import build_model
+
+    bundle = load_dataset("digits", seed=0, subset=96)
+    model = build_model("mlp", bundle.num_classes, bundle.input_shape)
+    model.load_state_dict(_state(tmp_path)["model"])
+    x = torch.stack([bundle.train[i][0] for i in range(32)])
+    y = torch.stack([bundle.train[i][1] for i in range(32)])
+    params = list(model.parameters())
+    loss = F.cross_entropy(model(x), y)
+    g = torch.autograd.grad(loss, params)
+    norm = torch.sqrt(sum((t**2).sum() for t in g))
+    with torch.no_grad():
+        for p, t in zip(params, g, strict=True):
+            p.add_(0.05 * t / norm)
+        perturbed = F.cross_entropy(model(x), y)
+    assert record["sharpness"] == pytest.approx(
+        float(perturbed - loss.detach()), rel=1e-4, abs=1e-7
+    )
+
+
+def test_validation_split_is_evaluated(tmp_path):
+    (record,) = Trainer(_config(epochs=1, val_fraction=0.25), tmp_path, progress=False).run()
+    assert 0.0 <= record["val_acc"] <= 1.0 and record["val_loss"] > 0
