@@ -1,0 +1,216 @@
+r"""The SAM family under data parallelism: per-process ε, one averaged final gradient.
+
+On ``W`` processes that each hold a shard ``B_r`` of the global batch, SAM as run by its
+authors (Foret et al., ICLR 2021, Sec. 4.1 "m-sharpness") perturbs each process with its
+*own* gradient and averages only the final gradients:
+
+.. math::
+
+    g_r = ∇L_{B_r}(w),\quad ε_r = ρ\,g_r/\lVert g_r\rVert_2,\quad
+    g = \frac1W \sum_r ∇L_{B_r}(w + ε_r),\quad w ← \mathrm{base\_step}(w, g)
+
+so the sharpness that is minimized is the m-sharpness with ``m = |B_r|``, and smaller m
+generalizes better. A plain ``DistributedDataParallel`` loop gets this wrong: DDP
+all-reduces in the first backward too, so every process perturbs with the global
+gradient — at the cost of an extra all-reduce. The first pass therefore runs inside
+``ddp_model.no_sync()`` — forward *and* backward, since DDP decides at the forward
+whether the next backward synchronizes::
+
+    with first_pass(ddp_model):                      # no gradient all-reduce
+        loss_fn(ddp_model(x), y).backward()
+    opt.first_step(zero_grad=True)                   # w + ε_r, this process's own ε
+    with running_stats_frozen(ddp_model):
+        loss_fn(ddp_model(x), y).backward()          # DDP averages ∇L(w + ε_r)
+    opt.second_step(zero_grad=True)
+
+or, in one call, ``loss = sam_step(opt, ddp_model, closure)``. ``perturbation="global"``
+perturbs every process with the averaged gradient ``ε = ρ·ḡ/‖ḡ‖`` instead (the first
+backward then synchronizes as usual — DDP's bucketed all-reduce, overlapped with the
+backward); with a module that is not wrapped in DDP the helper averages the gradients
+itself (:func:`~flatmin.distributed.collectives.average_gradients`, no host sync).
+
+**BatchNorm.** Statistics move once per step, from the first pass (the second runs under
+:func:`~flatmin.optim.bn.running_stats_frozen`). Each process updates them from its own
+shard, so without care they drift apart between DDP's broadcasts: with
+``broadcast_buffers=True`` DDP copies rank 0's buffers at the start of the next
+*synchronizing* forward, which after a ``no_sync`` first pass is the next step's first
+pass, so a checkpoint or an evaluation in between would see per-rank statistics. On
+leaving :func:`first_pass` the running statistics are therefore made identical right
+away (``statistics="mean"``, default: averaged over ranks, so every sample counts and
+the result equals one process running the m-sharpness step with the same sub-batches;
+``"broadcast"``: rank 0's, DDP's own rule; ``"none"``: DDP's behaviour unchanged). With
+``"mean"`` DDP's broadcast becomes a no-op; pass ``broadcast_buffers=False`` to save it.
+
+**Which optimizers.** With per-process ε the update must not depend on the first-pass
+gradient, which differs between processes after the second pass has averaged ``g_s``:
+SAM, ASAM (both forms) and USAM qualify. StableSAM's ``γ = ‖g‖/‖g_s‖`` (and GSAM's
+projection, LookSAM's reused direction) would combine a local ``g`` with the averaged
+``g_s`` and let the weights of the processes drift apart; they are refused in local
+mode and run correctly with ``perturbation="global"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from flatmin.distributed.collectives import (
+    STATISTICS_SYNCS,
+    ProcessGroup,
+    StatisticsSync,
+    average_gradients,
+    sync_norm_statistics,
+    world_size,
+)
+from flatmin.optim.bn import running_stats_frozen
+
+Perturbation = Literal["local", "global"]
+PERTURBATIONS = ("local", "global")
+
+
+def _check_options(perturbation: str, statistics: str) -> None:
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(
+            f"expected perturbation to be one of {PERTURBATIONS}, got {perturbation!r}"
+        )
+    if statistics not in STATISTICS_SYNCS:
+        raise ValueError(f"expected statistics to be one of {STATISTICS_SYNCS}, got {statistics!r}")
+
+
+def _group_of(model: nn.Module, group: ProcessGroup) -> ProcessGroup:
+    if group is None and isinstance(model, DistributedDataParallel):
+        return model.process_group
+    return group
+
+
+@contextmanager
+def first_pass(
+    model: nn.Module,
+    perturbation: Perturbation = "local",
+    statistics: StatisticsSync = "mean",
+    process_group: ProcessGroup = None,
+) -> Iterator[nn.Module]:
+    """Context for the first forward *and* backward of a SAM-family step.
+
+    ``perturbation="local"``: a DDP model skips its gradient all-reduce
+    (``model.no_sync()``), so each process keeps its own gradient and perturbs with its
+    own ε. ``"global"``: gradients are averaged (by DDP, or on exit for a plain module).
+    On exit the norm layers' running statistics are synchronized as ``statistics`` says.
+    """
+    _check_options(perturbation, statistics)
+    group = _group_of(model, process_group)
+    is_ddp = isinstance(model, DistributedDataParallel)
+    no_sync = model.no_sync() if is_ddp and perturbation == "local" else nullcontext()
+    with no_sync:
+        yield model
+    if perturbation == "global" and not is_ddp:
+        average_gradients(model.parameters(), group)
+    sync_norm_statistics(model, statistics, group)
+
+
+@contextmanager
+def first_pass_local(
+    model: nn.Module, statistics: StatisticsSync = "mean", process_group: ProcessGroup = None
+) -> Iterator[nn.Module]:
+    """:func:`first_pass` with per-process ε (the SAM paper's m-sharpness)."""
+    with first_pass(model, "local", statistics, process_group):
+        yield model
+
+
+def check_rank_independent_update(optimizer: Optimizer) -> None:
+    """Raise a ValueError if ``optimizer``'s update uses the first-pass gradient ``g``.
+
+    Under per-process ε that gradient differs between processes, so such an update would
+    differ too and the replicas would drift apart (see the module docstring).
+    """
+    if getattr(optimizer, "stable", False) or getattr(
+        optimizer, "update_uses_first_gradient", False
+    ):
+        raise ValueError(
+            f"{type(optimizer).__name__} rescales or projects the final gradient with the "
+            "first-pass gradient, which differs between processes under per-process ε; "
+            "use perturbation='global' (every process perturbs with the averaged gradient)"
+        )
+
+
+def agree_on_nonfinite_gradients(parameters: Iterable[Tensor], group: ProcessGroup = None) -> None:
+    """If any process's gradient is not finite, make every process's gradient non-finite.
+
+    With per-process first passes, ``skip_nonfinite`` would otherwise skip the step on
+    one process and take it on another. One scalar all-reduce; no host synchronization.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads or world_size(group) == 1:
+        return
+    finite = torch.stack([torch.isfinite(n) for n in torch._foreach_norm(grads)]).all()
+    flag = finite.to(torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    grads[0].mul_(torch.where(flag > 0, 1.0, float("nan")).to(grads[0].dtype))
+
+
+def sam_step(
+    optimizer: Optimizer,
+    model: nn.Module,
+    closure: Callable[[], Tensor],
+    *,
+    perturbation: Perturbation = "local",
+    statistics: StatisticsSync = "mean",
+    process_group: ProcessGroup = None,
+) -> Tensor:
+    """One SAM-family step on ``model`` (DDP-wrapped or not) in a process group.
+
+    ``closure`` runs forward and backward on this process's shard and returns the loss;
+    it is called at ``w`` inside :func:`first_pass` and at ``w + ε`` with the running
+    statistics frozen. Returns the first-pass loss of this process. If the second call
+    raises, the weights are restored before the exception propagates.
+    """
+    _check_options(perturbation, statistics)
+    for name in ("first_step", "second_step", "restore_weights"):
+        if not callable(getattr(optimizer, name, None)):
+            raise TypeError(
+                f"expected a two-pass optimizer of the SAM family with {name}(), got "
+                f"{type(optimizer).__name__}"
+            )
+    if perturbation == "local":
+        check_rank_independent_update(optimizer)
+    group = _group_of(model, process_group)
+    with torch.enable_grad(), first_pass(model, perturbation, statistics, group):
+        loss = closure()
+    if perturbation == "local" and getattr(optimizer, "skip_nonfinite", False):
+        agree_on_nonfinite_gradients(model.parameters(), group)
+    optimizer.first_step(zero_grad=True)
+    try:
+        with torch.enable_grad(), running_stats_frozen(model):
+            closure()
+    except BaseException:
+        optimizer.restore_weights()
+        optimizer.zero_grad()
+        raise
+    if not isinstance(model, DistributedDataParallel):
+        average_gradients(model.parameters(), group)
+    optimizer.second_step(zero_grad=True)
+    return loss
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (``model`` itself otherwise)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+__all__ = [
+    "PERTURBATIONS",
+    "Perturbation",
+    "agree_on_nonfinite_gradients",
+    "check_rank_independent_update",
+    "first_pass",
+    "first_pass_local",
+    "sam_step",
+    "unwrap",
+]

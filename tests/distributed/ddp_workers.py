@@ -1,0 +1,109 @@
+"""Code that runs inside the spawned processes of the distributed tests.
+
+Each worker is a module-level function ``fn(rank, world_size, out_dir, ...)`` (so the
+``spawn`` start method can pickle it) that writes what it saw to ``out_dir`` with
+``torch.save``; the tests compare those files with computations of their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from flatmin import SAM, StableSAM
+from flatmin.distributed import first_pass, reduce_metrics, sam_step
+from flatmin.distributed.collectives import max_replica_difference
+from flatmin.optim.bn import running_stats_frozen
+
+GLOBAL_BATCH = 8
+STEPS = 3
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def make_data(steps: int = STEPS, batch: int = GLOBAL_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(steps, batch, 5, generator=gen), torch.randint(
+        0, 3, (steps, batch), generator=gen
+    )
+
+
+def shard(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    per = t.shape[0] // world_size
+    return t[rank * per : (rank + 1) * per]
+
+
+def flat_grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1).clone() for p in model.parameters()])
+
+
+def sam_run(rank: int, world_size: int, out_dir: str, perturbation: str, stable: bool) -> None:
+    """STEPS SAM steps; records each step's first-pass gradient and the final state."""
+    model = make_model()
+    ddp = DDP(model)
+    make = StableSAM if stable else SAM
+    opt = make(ddp.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    xs, ys = make_data()
+    first_grads = []
+    for step in range(STEPS):
+        x, y = shard(xs[step], rank, world_size), shard(ys[step], rank, world_size)
+        with first_pass(ddp, perturbation):
+            F.cross_entropy(ddp(x), y).backward()
+        first_grads.append(flat_grads(ddp))
+        opt.first_step(zero_grad=True)
+        with torch.no_grad():
+            perturbed = [p.clone() for p in model.parameters()]
+        with running_stats_frozen(ddp):
+            F.cross_entropy(ddp(x), y).backward()
+        opt.second_step(zero_grad=True)
+    torch.save(
+        {
+            "first_grads": first_grads,
+            "perturbed_last": perturbed,
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+        },
+        Path(out_dir) / f"sam_{perturbation}_{int(stable)}_{rank}.pt",
+    )
+
+
+def sam_step_run(rank: int, world_size: int, out_dir: str) -> None:
+    """The one-call helper on DDP and on a plain module (averaged by the helper)."""
+    xs, ys = make_data()
+    results = {}
+    for wrapped in (True, False):
+        model = make_model()
+        net = DDP(model) if wrapped else model
+        opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        for step in range(STEPS):
+            x, y = shard(xs[step], rank, world_size), shard(ys[step], rank, world_size)
+
+            def closure(x=x, y=y, net=net):
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                return loss
+
+            loss = sam_step(opt, net, closure)
+        results["ddp" if wrapped else "plain"] = {
+            k: v.clone() for k, v in model.state_dict().items()
+        }
+        results[f"replica_difference_{wrapped}"] = max_replica_difference(
+            [*model.parameters(), *model.buffers()]
+        )
+    results["metrics"] = reduce_metrics({"loss": loss, "rank": rank, "count": 1}, op="mean")
+    results["metrics_sum"] = reduce_metrics({"rank": torch.tensor(float(rank))}, op="sum")
+    torch.save(results, Path(out_dir) / f"sam_step_{rank}.pt")
+
+
+def all_sam_runs(rank: int, world_size: int, out_dir: str) -> None:
+    """Every SAM scenario in one group, so the test module spawns processes once."""
+    sam_run(rank, world_size, out_dir, "local", False)
+    sam_run(rank, world_size, out_dir, "global", False)
+    sam_run(rank, world_size, out_dir, "global", True)
+    sam_step_run(rank, world_size, out_dir)

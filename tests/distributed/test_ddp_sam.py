@@ -1,0 +1,187 @@
+"""SAM under DDP (flatmin.distributed.sam) and its single-process twin (m_sharpness).
+
+Two real gloo processes on the CPU run every scenario once (module fixture); the tests
+compare what they recorded with gradients and steps computed here independently.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flatmin import SAM, StableSAM
+from flatmin.distributed import m_sharpness_step, sam_step
+from flatmin.distributed.launch import spawn
+from tests.distributed.ddp_workers import (
+    GLOBAL_BATCH,
+    STEPS,
+    all_sam_runs,
+    make_data,
+    make_model,
+    shard,
+)
+
+pytestmark = pytest.mark.distributed
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_sam")
+    spawn(all_sam_runs, WORLD, str(out))
+    load = lambda name: [torch.load(out / f"{name}_{r}.pt") for r in range(WORLD)]  # noqa: E731
+    return {
+        "local": load("sam_local_0"),
+        "global": load("sam_global_0"),
+        "global_stable": load("sam_global_1"),
+        "sam_step": load("sam_step"),
+    }
+
+
+def gradient_at_init(x, y):
+    model = make_model()
+    F.cross_entropy(model(x), y).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def m_sharpness_run(m, optimizer=SAM):
+    model = make_model()
+    opt = optimizer(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    xs, ys = make_data()
+    for step in range(STEPS):
+        m_sharpness_step(opt, model, F.cross_entropy, xs[step], ys[step], m=m)
+    return model.state_dict()
+
+
+def assert_states(a, b, exact):
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_local_first_pass_uses_each_process_own_gradient(runs):
+    xs, ys = make_data()
+    for rank, run in enumerate(runs["local"]):
+        expected = gradient_at_init(shard(xs[0], rank, WORLD), shard(ys[0], rank, WORLD))
+        torch.testing.assert_close(run["first_grads"][0], expected)
+    for step in range(STEPS):
+        assert not torch.allclose(
+            runs["local"][0]["first_grads"][step], runs["local"][1]["first_grads"][step]
+        )
+    perturbed = [torch.cat([p.reshape(-1) for p in r["perturbed_last"]]) for r in runs["local"]]
+    assert not torch.allclose(*perturbed)
+
+
+def test_local_replicas_stay_identical(runs):
+    rank0, rank1 = runs["local"]
+    assert_states(rank0["state"], rank1["state"], exact=True)
+    assert int(rank0["state"]["1.num_batches_tracked"]) == STEPS  # statistics moved once per step
+
+
+def test_two_processes_equal_one_process_m_sharpness(runs):
+    expected = m_sharpness_run(m=GLOBAL_BATCH // WORLD)
+    assert_states(runs["local"][0]["state"], expected, exact=False)
+
+
+def test_m_sharpness_with_whole_batch_is_plain_sam():
+    sam = make_model()
+    opt = SAM(sam.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    xs, ys = make_data()
+    for step in range(STEPS):
+        opt.zero_grad()
+        opt.step(
+            lambda s=step: F.cross_entropy(sam(xs[s]), ys[s]).backward(),
+            model=sam,
+        )
+    assert_states(m_sharpness_run(m=GLOBAL_BATCH), sam.state_dict(), exact=False)
+
+
+def test_smaller_m_changes_the_step():
+    a, b = m_sharpness_run(m=2), m_sharpness_run(m=GLOBAL_BATCH)
+    assert not torch.allclose(a["0.weight"], b["0.weight"])
+
+
+def test_global_first_pass_is_the_averaged_gradient(runs):
+    xs, ys = make_data()
+    shards = [
+        gradient_at_init(shard(xs[0], r, WORLD), shard(ys[0], r, WORLD)) for r in range(WORLD)
+    ]
+    expected = torch.stack(shards).mean(dim=0)
+    for run in runs["global"]:
+        torch.testing.assert_close(run["first_grads"][0], expected)
+    for step in range(STEPS):
+        assert torch.equal(
+            runs["global"][0]["first_grads"][step], runs["global"][1]["first_grads"][step]
+        )
+    perturbed = [torch.cat([p.reshape(-1) for p in r["perturbed_last"]]) for r in runs["global"]]
+    assert torch.equal(*perturbed)
+    assert_states(runs["global"][0]["state"], runs["global"][1]["state"], exact=True)
+
+
+def test_global_stable_sam_replicas_stay_identical(runs):
+    rank0, rank1 = runs["global_stable"]
+    assert_states(rank0["state"], rank1["state"], exact=True)
+    assert not torch.equal(rank0["state"]["0.weight"], runs["global"][0]["state"]["0.weight"])
+
+
+def test_sam_step_helper_on_ddp_and_on_a_plain_module(runs):
+    rank0, rank1 = runs["sam_step"]
+    expected = m_sharpness_run(m=GLOBAL_BATCH // WORLD)
+    for run in (rank0, rank1):
+        assert_states(run["ddp"], expected, exact=False)
+        assert_states(run["plain"], expected, exact=False)
+        assert run["replica_difference_True"] == 0.0
+        assert run["replica_difference_False"] == 0.0
+    assert_states(rank0["ddp"], rank1["ddp"], exact=True)
+
+
+def test_reduce_metrics_averages_and_sums_across_processes(runs):
+    rank0, rank1 = runs["sam_step"]
+    assert rank0["metrics"] == rank1["metrics"]
+    assert rank0["metrics"]["rank"] == 0.5
+    assert rank0["metrics"]["count"] == 1.0
+    assert rank0["metrics_sum"] == {"rank": 1.0}
+
+
+@pytest.mark.parametrize("run_step", ["sam_step", "m_sharpness"])
+def test_per_process_epsilon_refuses_stable_sam_and_changes_nothing(run_step):
+    model = make_model()
+    opt = StableSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xs, ys = make_data()
+    with pytest.raises(ValueError, match="perturbation='global'"):
+        if run_step == "sam_step":
+            sam_step(opt, model, lambda: F.cross_entropy(model(xs[0]), ys[0]).backward())
+        else:
+            m_sharpness_step(opt, model, F.cross_entropy, xs[0], ys[0], m=4)
+    assert_states(model.state_dict(), before, exact=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("m", "batch", "error"),
+    [(3, 8, ValueError), (0, 8, ValueError), (True, 8, ValueError), (2.0, 8, ValueError)],
+)
+def test_m_sharpness_rejects_bad_m(m, batch, error):
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xs, ys = make_data(batch=batch)
+    with pytest.raises(error, match="m"):
+        m_sharpness_step(opt, model, F.cross_entropy, xs[0], ys[0], m=m)
+    assert_states(model.state_dict(), before, exact=True)
+
+
+def test_m_sharpness_rejects_mismatched_targets_and_plain_optimizers():
+    model = make_model()
+    xs, ys = make_data()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="same batch size"):
+        m_sharpness_step(opt, model, F.cross_entropy, xs[0], ys[0][:4], m=4)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="first_step"):
+        m_sharpness_step(sgd, model, F.cross_entropy, xs[0], ys[0], m=4)
