@@ -1,0 +1,268 @@
+"""``flatmin measure CHECKPOINT``: sharpness diagnostics of a trained model.
+
+Example::
+
+    flatmin measure runs/sam/checkpoint.pt --sharpness --hessian --trace --landscape 2d \\
+        --noise --out runs/sam/measure
+
+rebuilds the model and its dataset from the checkpoint's config, measures on the first
+``--max-batches`` batches of the chosen split, and writes ``summary.json`` (every
+number, with the samples, seeds and iterations it used) and the PNGs of the landscape
+and noise curve into ``--out``.
+
+The checkpoint is a ``torch.save``'d dict with at least ``"model"`` (a ``state_dict``)
+and ``"config"`` (with ``"model"``, ``"dataset"``, ``"data_dir"`` and ``"seed"``), as
+``flatmin train`` writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import inspect
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from flatmin.measure import (
+    gaussian_noise_curve,
+    hessian_eigenvalues,
+    hessian_trace,
+    loss_landscape,
+    sam_sharpness,
+)
+from flatmin.measure.noise import DEFAULT_SCALES
+
+REQUIRED_CONFIG = ("model", "dataset", "data_dir", "seed")
+# load_dataset options that change which samples the model was trained on
+_DATASET_OPTIONS = ("label_noise", "val_fraction", "subset")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    parser.add_argument("--out", type=Path, required=True, help="directory for summary and PNGs")
+    what = parser.add_argument_group("what to measure (at least one)")
+    what.add_argument("--sharpness", action="store_true", help="SAM sharpness L(w+ε) − L(w)")
+    what.add_argument("--hessian", action="store_true", help="top Hessian eigenvalues (Lanczos)")
+    what.add_argument("--trace", action="store_true", help="Hessian trace (Hutch++)")
+    what.add_argument("--landscape", choices=("1d", "2d"), help="loss landscape")
+    what.add_argument("--noise", action="store_true", help="loss under Gaussian weight noise")
+    data = parser.add_argument_group("data")
+    data.add_argument("--split", choices=("train", "test"), default="train")
+    data.add_argument("--data-dir", help="override the checkpoint's data_dir")
+    data.add_argument("--batch-size", type=int, default=256)
+    data.add_argument(
+        "--max-batches", type=int, default=8, help="batches to average over (0: all; default 8)"
+    )
+    data.add_argument("--device", default="cpu")
+    data.add_argument(
+        "--train-mode-bn", action="store_true", help="BatchNorm with batch statistics"
+    )
+    options = parser.add_argument_group("options")
+    options.add_argument("--seed", type=int, default=0, help="seed of every random estimate")
+    options.add_argument("--rho", type=float, default=0.05, help="sharpness radius ρ")
+    options.add_argument("--m", type=int, help="m-sharpness sub-batch size")
+    options.add_argument("--ascent-steps", type=int, default=1, help="sharpness ascent steps")
+    options.add_argument("--top-k", type=int, default=1, help="Hessian eigenvalues to find")
+    options.add_argument("--max-iter", type=int, default=100, help="Lanczos iterations at most")
+    options.add_argument("--tol", type=float, default=1e-4, help="Lanczos relative residual")
+    options.add_argument("--trace-queries", type=int, default=99, help="Hutch++ products")
+    options.add_argument("--steps", type=int, default=21, help="landscape points per axis")
+    options.add_argument("--span", type=float, default=1.0, help="landscape half-width")
+    options.add_argument(
+        "--noise-scales",
+        type=lambda text: [float(s) for s in text.split(",")],
+        default=list(DEFAULT_SCALES),
+        help="comma-separated noise scales (default %(default)s)",
+    )
+    options.add_argument("--noise-repeats", type=int, default=5)
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None if np.isnan(value) else str(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def load_model_and_data(
+    checkpoint_path: Path, split: str, data_dir: str | None
+) -> tuple[nn.Module, torch.utils.data.Dataset, dict[str, Any]]:
+    """Rebuild the checkpoint's model, weights loaded, and the dataset split it names."""
+    from flatmin.train.data import load_dataset
+    from flatmin.train.models import build_model
+
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint_path}")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise ValueError(f"{checkpoint_path} is not a dict with 'model' and 'config' entries")
+    config = dict(checkpoint["config"])
+    missing = [key for key in REQUIRED_CONFIG if key not in config]
+    if missing:
+        raise ValueError(f"the checkpoint's config lacks {missing}")
+    accepted = inspect.signature(load_dataset).parameters
+    options = {k: config[k] for k in _DATASET_OPTIONS if k in accepted and k in config}
+    if "augment" in accepted:
+        options["augment"] = False  # measure the data, not random crops of it
+    bundle = load_dataset(
+        config["dataset"],
+        data_dir=data_dir if data_dir is not None else config["data_dir"],
+        seed=config["seed"],
+        **options,
+    )
+    model = build_model(config["model"], bundle.num_classes, tuple(bundle.input_shape))
+    model.load_state_dict(checkpoint["model"])
+    return model, getattr(bundle, split), config
+
+
+def _progress(description: str) -> Callable[[Iterable], Iterable]:
+    from tqdm.auto import tqdm
+
+    return functools.partial(
+        tqdm, desc=description, leave=False, disable=not sys.stderr.isatty(), file=sys.stderr
+    )
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the asked measurements; write the PNGs; return the summary."""
+    from flatmin.measure import plots
+
+    model, dataset, config = load_model_and_data(args.checkpoint, args.split, args.data_dir)
+    model.to(args.device)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+    common = {
+        "max_batches": args.max_batches or None,
+        "train_mode_bn": args.train_mode_bn,
+    }
+    loss_fn = F.cross_entropy
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint),
+        "config": config,
+        "split": args.split,
+        "batch_size": args.batch_size,
+        **common,
+        "plots": [],
+    }
+    if args.sharpness:
+        summary["sharpness"] = sam_sharpness(
+            model,
+            loss_fn,
+            loader,
+            rho=args.rho,
+            m=args.m,
+            steps=args.ascent_steps,
+            progress=_progress("sharpness"),
+            **common,
+        )
+    if args.hessian:
+        summary["hessian"] = hessian_eigenvalues(
+            model,
+            loss_fn,
+            loader,
+            k=args.top_k,
+            max_iter=args.max_iter,
+            tol=args.tol,
+            seed=args.seed,
+            progress=_progress("lanczos"),
+            **common,
+        )
+    if args.trace:
+        summary["trace"] = hessian_trace(
+            model,
+            loss_fn,
+            loader,
+            num_queries=args.trace_queries,
+            seed=args.seed,
+            progress=_progress("trace"),
+            **common,
+        )
+    if args.landscape:
+        result = loss_landscape(
+            model,
+            loss_fn,
+            loader,
+            dims=int(args.landscape[0]),
+            steps=args.steps,
+            span=args.span,
+            seed=args.seed,
+            progress=_progress(f"landscape {args.landscape}"),
+            **common,
+        )
+        summary["landscape"] = result
+        if result.dims == 1:
+            paths = [plots.plot_landscape_curve(result, out / "landscape_1d.png")]
+        else:
+            paths = [
+                plots.plot_landscape_contour(result, out / "landscape_contour.png"),
+                plots.plot_landscape_surface(result, out / "landscape_surface.png"),
+            ]
+        summary["plots"] += [p.name for p in paths]
+    if args.noise:
+        result = gaussian_noise_curve(
+            model,
+            loss_fn,
+            loader,
+            scales=args.noise_scales,
+            repeats=args.noise_repeats,
+            seed=args.seed,
+            progress=_progress("noise"),
+            **common,
+        )
+        summary["noise"] = result
+        summary["plots"].append(plots.plot_noise_curve(result, out / "noise.png").name)
+    summary = _jsonable(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    if not (args.sharpness or args.hessian or args.trace or args.landscape or args.noise):
+        print(
+            "flatmin measure: choose at least one of --sharpness, --hessian, --trace, "
+            "--landscape {1d,2d}, --noise",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        summary = measure(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"flatmin measure: {error}", file=sys.stderr)
+        return 2
+    for key in ("sharpness", "hessian", "trace"):
+        if key in summary:
+            print(f"{key}: {_headline(summary[key])}")
+    print(f"wrote {args.out / 'summary.json'}" + "".join(f", {p}" for p in summary["plots"]))
+    return 0
+
+
+def _headline(result: dict[str, Any]) -> str:
+    if "values" in result:
+        state = "converged" if result["converged"] else "NOT converged"
+        return f"{result['values']} ({state}, {result['iterations']} products)"
+    if "stderr" in result:
+        return f"{result['value']:.6g} ± {result['stderr']:.2g}"
+    return f"{result['value']:.6g} (loss {result['loss']:.6g})"
