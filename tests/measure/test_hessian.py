@@ -150,3 +150,39 @@ def test_hutch_plus_plus_is_exact_when_the_sketch_spans_the_space():
 def test_bad_arguments_are_rejected(call, match):
     with pytest.raises(ValueError, match=match):
         call(make_mlp(batch_norm=False), make_data())
+
+
+def test_lanczos_restarts_when_the_krylov_space_is_exhausted():
+    # A = diag(3, 3, 1, 1): any start vector spans an invariant space of dimension 2
+    # (one copy of each distinct eigenvalue); k = 3 needs a restart to find the third.
+    a = torch.diag(torch.tensor([3.0, 3.0, 1.0, 1.0], dtype=torch.float64))
+    model = Quadratic(a, torch.ones(4, dtype=torch.float64))
+    data = (torch.zeros(1, 4, dtype=torch.float64), torch.zeros(1))
+    result = hessian_eigenvalues(model, mean_output, data, k=3, tol=1e-10)
+    assert result.values == pytest.approx([3.0, 3.0, 1.0], rel=1e-12)
+    assert result.converged
+
+
+class _FreshBatchEachPass:
+    """An iterable that yields a new random batch on every pass (like augmentation),
+    remembering what it yielded."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(7)
+        self.yielded: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __iter__(self):
+        x = torch.randn(12, 4, generator=self.generator, dtype=torch.float64)
+        y = torch.randint(0, 3, (12,), generator=self.generator)
+        self.yielded.append((x, y))
+        yield x, y
+
+
+def test_data_is_drawn_once_so_every_product_sees_the_same_batch():
+    model = make_mlp(batch_norm=True)
+    data = _FreshBatchEachPass()
+    result = hessian_eigenvalues(model, F.cross_entropy, data, k=2, tol=1e-8)
+    assert len(data.yielded) == 1
+    exact = torch.linalg.eigvalsh(exact_hessian(model, F.cross_entropy, *data.yielded[0]))
+    assert result.converged
+    assert result.values == pytest.approx(exact.flip(0)[:2].tolist(), rel=1e-6)

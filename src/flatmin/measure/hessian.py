@@ -163,22 +163,24 @@ def _lanczos(
     point): ``β_j q_{j+1} = H q_j − α_j q_j − β_{j−1} q_{j−1}``, ``T_j`` tridiagonal with
     diagonal ``α`` and off-diagonal ``β``. The residual of a Ritz pair from
     ``T_j = S Θ Sᵀ`` is ``|β_j · S_{j,i}|``; iteration stops when the ``k`` wanted
-    pairs all have residual ``≤ tol·max|θ|`` or when ``β_j`` vanishes (an invariant
-    subspace: the Ritz values are then exact).
+    pairs all have residual ``≤ tol·max|θ|``. When ``β_j`` vanishes the Krylov space is
+    invariant and its Ritz values are exact; if it holds fewer than ``k`` of them the
+    iteration restarts from a random vector orthogonal to it (``β_j = 0``), otherwise it
+    stops. Like every single-vector Krylov method, it finds one copy of an eigenvalue
+    of multiplicity > 1 unless such a restart happens.
     """
     steps = min(max_iter, op.dim)
     basis = torch.zeros(steps + 1, op.dim, dtype=op.dtype, device=op.device)
     basis[0] = _random_unit(op, generator)
     alphas: list[float] = []
     betas: list[float] = []
-    tiny = torch.finfo(op.dtype).eps
+    eps = torch.finfo(op.dtype).eps
     coefficients = torch.zeros(0, 0, dtype=torch.float64)
     thetas = torch.zeros(0, dtype=torch.float64)
     for j in _iterate(steps, progress):
         w = op(basis[j])
         alphas.append(float(basis[j] @ w))
-        for _ in range(2):
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        w = _orthogonalize(w, basis[: j + 1])
         beta = float(torch.linalg.vector_norm(w))
         tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if j > 0:
@@ -188,15 +190,24 @@ def _lanczos(
         scale = float(thetas.abs().max())
         wanted = _order(thetas, which)[:k]
         estimates = (beta * coefficients[-1, wanted]).abs()
-        invariant = beta <= tiny * max(scale, tiny) * math.sqrt(op.dim)
-        if invariant or (j + 1 >= k and bool((estimates <= tol * scale).all())):
+        invariant = beta <= eps * max(scale, eps) * math.sqrt(op.dim)
+        if invariant and j + 1 < k:
+            beta, w = 0.0, _orthogonalize(_random_unit(op, generator), basis[: j + 1])
+        elif invariant or (j + 1 >= k and bool((estimates <= tol * scale).all())):
             break
         betas.append(beta)
-        basis[j + 1] = w / beta
+        basis[j + 1] = w / torch.linalg.vector_norm(w)
     size = len(alphas)
     wanted = _order(thetas, which)[:k]
     vectors = coefficients[:, wanted].to(op.dtype).to(op.device).T @ basis[:size]
     return thetas[wanted], vectors, float(thetas.abs().max())
+
+
+def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+    """``w`` minus its projection on the rows of ``basis``, done twice for stability."""
+    for _ in range(2):
+        w = w - basis.T @ (basis @ w)
+    return w
 
 
 def _power(
