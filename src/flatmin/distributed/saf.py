@@ -1,0 +1,189 @@
+r"""SAF on several processes: one store, replicated, that every process keeps current.
+
+SAF (Du et al., NeurIPS 2022) compares sample ``i``'s logits with those the training
+pass produced for ``i`` ``Ẽ`` epochs earlier. Under ``DistributedSampler`` the samples
+are reshuffled *across processes* every epoch, so sample ``i`` is seen by one process in
+epoch ``e − Ẽ`` and usually by another in epoch ``e``. The official multi-GPU code keeps
+one store per process: most look-ups then hit a slot that process never wrote, and the
+target is stale or empty (all zeros, i.e. a uniform distribution).
+
+**Layout: replicated store.** Every step each process all-gathers the batch's
+``(logits, indices)`` of all processes and records the whole global batch into its own
+full copy of the store, so all copies stay identical and any process finds any sample's
+past logits locally. Per step and process this costs three small all-gathers (batch
+sizes, indices, logits in the store's dtype: ``W·B·(C·itemsize + 8)`` bytes received);
+memory per process is the whole store, ``N·C·Ẽ·itemsize + N·Ẽ·4`` bytes (CIFAR-10,
+Ẽ = 3, float16: 3.6 MB; ImageNet-1k, Ẽ = 3, float16: ≈ 7.3 GiB on each process — keep
+it on the CPU or memory-map it, see :class:`flatmin.SAF`). A rank-0 checkpoint holds the
+whole state.
+
+**The alternative: sharded store.** Process ``r`` owns the samples with
+``i mod W = r`` (memory ÷ W); every step each process sends the indices it needs to their
+owners and receives targets back (an all-to-all of requests and one of replies) and
+sends its new logits to the owners (a third). It needs less memory but three
+latency-bound exchanges per step and a checkpoint gathered from all ranks; choose it
+only when the replicated store does not fit in host memory or a memory map.
+
+**The term.** Process ``r`` adds ``λ·τ²·Σ_{i∈V_r} KL_i · W/|V|``, where ``V_r`` are its
+valid rows and ``V`` those of the global batch; DDP's gradient average over ``W``
+processes then gives exactly the single-process gradient of ``λ·τ²·mean_{i∈V} KL_i`` on
+the global batch (the plain per-process mean would weigh processes with few valid rows
+too much). Validity is decided on the global batch, so a sample that the sampler pads
+onto two processes counts once, at its first occurrence in rank order.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from flatmin.distributed.collectives import ProcessGroup, world_size
+from flatmin.trajectory.kl import tempered_kl, zero_term
+from flatmin.trajectory.saf import SAF
+
+
+class DistributedSAF:
+    """Wrap a :class:`flatmin.SAF` so its store is shared by all processes of a group.
+
+    Use it exactly like SAF, on every process, with this process's batch::
+
+        saf = DistributedSAF(SAF(num_samples=len(train_set), num_classes=10))
+        sampler = DistributedSampler(WithIndex(train_set), shuffle=True)
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            saf.set_epoch(epoch)
+            for x, y, idx in DataLoader(..., sampler=sampler):
+                logits = ddp_model(x)
+                loss = F.cross_entropy(logits, y) + saf(logits, idx)
+
+    Every call is a collective: all processes must call it the same number of times.
+    A call whose global indices equal the previous recording call's in the same epoch is
+    another pass over the same batch (SAM's second pass): it reuses the targets it read
+    and records nothing, as SAF does.
+    """
+
+    def __init__(self, saf: SAF, process_group: ProcessGroup = None) -> None:
+        if not isinstance(saf, SAF):
+            raise TypeError(f"expected a flatmin.SAF to wrap, got {type(saf).__name__}")
+        self.saf = saf
+        self.process_group = process_group
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    # -- SAF's surface ----------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.saf.epoch
+
+    @property
+    def active(self) -> bool:
+        return self.saf.active
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the store on *each* process (the full store is replicated)."""
+        return self.saf.memory_bytes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the current 0-based epoch (call on every process at every epoch start)."""
+        self.saf.set_epoch(epoch)
+        self._last = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped SAF's state; identical on every process, so rank 0's is enough."""
+        return self.saf.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.saf.load_state_dict(state)
+        self._last = None
+
+    # -- the exchange -------------------------------------------------------------------
+
+    def exchange(
+        self, logits: Tensor, indices: Tensor, record: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """All-gather the batch, read and record it in the store; return this rank's part.
+
+        Returns ``(targets, valid, global_valid_count)``: the stored logits for this
+        process's rows (store dtype, on ``logits``' device), their ``(B,)`` validity and
+        the number of valid rows in the whole global batch (a 0-dim tensor).
+        """
+        store = self.saf.store
+        store.check_batch(logits, indices)
+        local_indices = indices.to(torch.long)
+        all_indices, sizes = _all_gather_rows(local_indices, self.process_group)
+        rank = dist.get_rank(self.process_group) if world_size(self.process_group) > 1 else 0
+        start = sum(sizes[:rank])
+        rows = slice(start, start + sizes[rank])
+        last = self._last
+        if last is not None and torch.equal(last[0], all_indices):
+            targets, valid = last[1], last[2]
+        else:
+            new_rows = logits.detach().to(store.dtype)
+            all_logits, _ = _all_gather_rows(new_rows, self.process_group, sizes)
+            result = store.exchange(all_logits, all_indices, self.saf.epoch, record=record)
+            _warn_if_skipped(result.skipped, store.device)
+            targets, valid = result.targets, result.valid
+            if record:
+                self._last = (all_indices, targets, valid)
+        count = valid.sum()
+        return (
+            targets[rows].to(logits.device, non_blocking=True),
+            valid[rows].to(logits.device, non_blocking=True),
+            count.to(logits.device, non_blocking=True),
+        )
+
+    def __call__(self, logits: Tensor, indices: Tensor, record: bool = True) -> Tensor:
+        """This process's share of ``λ·τ²·mean KL(past ‖ present)`` over the global batch.
+
+        Summed over processes (as DDP's gradient average does, times ``W``) it equals
+        :class:`flatmin.SAF`'s term on the global batch; see the module docstring.
+        """
+        targets, valid, global_count = self.exchange(logits, indices, record)
+        saf = self.saf
+        if not saf.active or saf.lam == 0:
+            return zero_term(logits)
+        local_mean = tempered_kl(logits, targets, saf.tau, valid)
+        local_count = valid.sum()
+        share = local_count * world_size(self.process_group) / global_count.clamp(min=1)
+        return saf.lam * local_mean * share.to(local_mean.dtype)
+
+    def __repr__(self) -> str:
+        return f"DistributedSAF({self.saf!r}, world_size={world_size(self.process_group)})"
+
+
+def _all_gather_rows(
+    rows: Tensor, group: ProcessGroup, sizes: list[int] | None = None
+) -> tuple[Tensor, list[int]]:
+    """Concatenate every rank's ``rows`` (rank order); batch sizes may differ by rank."""
+    size = world_size(group)
+    if size == 1:
+        return rows, [rows.shape[0]]
+    if sizes is None:
+        mine = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+        gathered = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(gathered, mine, group=group)
+        sizes = [int(s) for s in torch.cat(gathered).tolist()]
+    longest = max(sizes)
+    padded = rows.new_zeros((longest, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sizes
+
+
+def _warn_if_skipped(skipped: Tensor, device: torch.device) -> None:
+    if device.type != "cpu":
+        return
+    count = int(skipped)
+    if count:
+        warnings.warn(
+            f"SAF: {count} logit row(s) of the global batch were not finite in the store's "
+            "dtype and were not recorded; those samples will have no target later",
+            RuntimeWarning,
+            stacklevel=4,
+        )

@@ -1,0 +1,153 @@
+"""SAF with a replicated store under DistributedSampler reshuffling (flatmin.distributed.saf).
+
+Two gloo processes record everything once (module fixture); the tests rebuild the
+samplers' orders here and check every look-up and the training run against a single
+process that sees the same global batches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flatmin import SAF
+from flatmin.distributed.launch import spawn
+from flatmin.distributed.saf import DistributedSAF
+from tests.distributed.ddp_workers import (
+    SAF_EPOCHS,
+    SAF_LAG,
+    SAF_RANK_BATCH,
+    SAF_SAMPLES,
+    SAF_TRAIN_EPOCHS,
+    SAF_TRAIN_SAMPLES,
+    all_saf_runs,
+    rank_order,
+    saf_data,
+    saf_model,
+    synthetic_logits,
+)
+
+pytestmark = pytest.mark.distributed
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_saf")
+    spawn(all_saf_runs, WORLD, str(out))
+    return {
+        name: [torch.load(out / f"{name}_{r}.pt") for r in range(WORLD)]
+        for name in ("saf_lookup", "saf_train")
+    }
+
+
+def test_sampler_moves_samples_across_processes():
+    first = set(rank_order(SAF_SAMPLES, 0, 0, WORLD))
+    later = set(rank_order(SAF_SAMPLES, SAF_LAG, 0, WORLD))
+    assert first != later
+
+
+def test_every_lookup_returns_the_logits_of_exactly_lag_epochs_before(runs):
+    for run in runs["saf_lookup"]:
+        assert len(run["lookups"]) == SAF_EPOCHS * SAF_SAMPLES // WORLD // SAF_RANK_BATCH
+        for epoch, idx, targets, valid, count, _ in run["lookups"]:
+            if epoch < SAF_LAG:
+                assert not valid.any()
+                continue
+            assert valid.all(), (epoch, idx)
+            assert int(count) == WORLD * SAF_RANK_BATCH
+            expected = synthetic_logits(idx, epoch - SAF_LAG).to(torch.float16)
+            assert torch.equal(targets, expected), (epoch, idx)
+
+
+def test_per_process_stores_miss_most_lookups(runs):
+    """The official layout: a store per process, under the same reshuffling."""
+    hits = [
+        bool(v.all()) for run in runs["saf_lookup"] for e, *_, v in run["lookups"] if e >= SAF_LAG
+    ]
+    assert not all(hits)
+
+
+def test_stores_are_identical_on_every_process(runs):
+    rank0, rank1 = (run["store"] for run in runs["saf_lookup"])
+    for key in ("logits", "written_epoch"):
+        assert torch.equal(rank0["store"][key], rank1["store"][key])
+
+
+def test_batches_of_different_sizes_are_all_recorded(runs):
+    rank0, rank1 = (run["store"]["store"] for run in runs["saf_lookup"])
+    slot = SAF_EPOCHS % SAF_LAG
+    assert torch.equal(
+        rank0["written_epoch"][slot, :5], torch.full((5,), SAF_EPOCHS, dtype=torch.int32)
+    )
+    expected = synthetic_logits(torch.arange(5), SAF_EPOCHS).to(torch.float16)
+    assert torch.equal(rank1["logits"][slot, :5], expected)
+    targets, valid, _ = runs["saf_lookup"][1]["uneven"]
+    assert targets.shape == (2, 3) and valid.shape == (2,)
+
+
+def single_process_run():
+    """The same global batches (rank 0's rows, then rank 1's) on one process."""
+    model = saf_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    saf = SAF(SAF_TRAIN_SAMPLES, 3, lam=1.0, tau=2.0, lag_epochs=1, start_epoch=0)
+    xs, ys = saf_data()
+    terms = []
+    for epoch in range(SAF_TRAIN_EPOCHS):
+        saf.set_epoch(epoch)
+        orders = [
+            torch.tensor(rank_order(SAF_TRAIN_SAMPLES, epoch, r, WORLD)) for r in range(WORLD)
+        ]
+        for parts in zip(*(o.split(SAF_RANK_BATCH) for o in orders)):
+            idx = torch.cat(parts)
+            logits = model(xs[idx])
+            term = saf(logits, idx)
+            # DDP averages per-process means of the cross entropy over equal shards.
+            ce = torch.stack(
+                [F.cross_entropy(lo, ys[p]) for lo, p in zip(logits.split(SAF_RANK_BATCH), parts)]
+            ).mean()
+            opt.zero_grad()
+            (ce + term).backward()
+            opt.step()
+            terms.append(float(term.detach()))
+    return model.state_dict(), terms
+
+
+def test_two_process_saf_equals_one_process_on_the_same_global_batches(runs):
+    state, terms = single_process_run()
+    assert max(terms) > 0  # the term was active and mattered
+    for run in runs["saf_train"]:
+        for key in state:
+            torch.testing.assert_close(run["state"][key], state[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(run["terms"]), torch.tensor(terms), rtol=1e-5, atol=1e-7
+        )
+    assert all(
+        torch.equal(runs["saf_train"][0]["state"][k], runs["saf_train"][1]["state"][k])
+        for k in state
+    )
+
+
+def test_single_process_wrapper_is_plain_saf():
+    logits = torch.randn(4, 3, requires_grad=True)
+    idx = torch.tensor([0, 1, 2, 3])
+    plain, wrapped = (
+        SAF(4, 3, lag_epochs=1, start_epoch=0),
+        DistributedSAF(SAF(4, 3, lag_epochs=1, start_epoch=0)),
+    )
+    for epoch in range(2):
+        plain.set_epoch(epoch)
+        wrapped.set_epoch(epoch)
+        current = logits * (epoch + 1)
+        assert torch.equal(plain(current, idx), wrapped(current, idx))
+
+
+def test_rejects_what_is_not_a_saf_and_bad_batches():
+    with pytest.raises(TypeError, match=r"flatmin\.SAF"):
+        DistributedSAF(object())
+    wrapped = DistributedSAF(SAF(4, 3))
+    before = wrapped.state_dict()["store"]["written_epoch"].clone()
+    with pytest.raises(ValueError, match=r"\(B, 3\)"):
+        wrapped(torch.randn(2, 5), torch.tensor([0, 1]))
+    assert torch.equal(wrapped.state_dict()["store"]["written_epoch"], before)
