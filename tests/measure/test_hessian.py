@@ -186,3 +186,20 @@ def test_data_is_drawn_once_so_every_product_sees_the_same_batch():
     exact = torch.linalg.eigvalsh(exact_hessian(model, F.cross_entropy, *data.yielded[0]))
     assert result.converged
     assert result.values == pytest.approx(exact.flip(0)[:2].tolist(), rel=1e-6)
+
+
+def test_progress_wrapper_sees_one_step_per_product():
+    model = make_mlp(batch_norm=False)
+    data = make_data()
+    steps = []
+
+    def progress(iterable):
+        for item in iterable:
+            steps.append(item)
+            yield item
+
+    trace = hessian_trace(model, F.cross_entropy, data, num_queries=10, progress=progress)
+    assert len(steps) == trace.num_queries == 10
+    steps.clear()
+    eig = hessian_eigenvalues(model, F.cross_entropy, data, max_iter=4, progress=progress)
+    assert len(steps) == eig.iterations == 4

@@ -10,7 +10,10 @@
 - :func:`gaussian_noise_curve` — the loss under Gaussian weight noise scaled to the
   weights' norm (the SAF paper's Figure 4).
 
-Every function evaluates in eval mode (``train_mode_bn=True`` lets BatchNorm use batch
+Every function differentiates or perturbs only the parameters with ``requires_grad``,
+draws its data once (a shuffling or augmenting loader cannot change the function being
+measured midway) and averages the loss over batches weighted by batch size. It
+evaluates in eval mode (``train_mode_bn=True`` lets BatchNorm use batch
 statistics), uses a private ``torch.Generator``, and leaves the model's modes, weights,
 gradients, buffers and ``requires_grad`` flags exactly as they were, also when it
 raises. Results are dataclasses that say how many samples (and which seed) they used.

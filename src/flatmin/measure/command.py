@@ -10,7 +10,8 @@ rebuilds the model and its dataset from the checkpoint's config, measures on the
 number, with the samples, seeds and iterations it used) and the PNGs of the landscape
 and noise curve into ``--out``.
 
-The checkpoint is a ``torch.save``'d dict with at least ``"model"`` (a ``state_dict``)
+The loss is the plain cross-entropy (no label smoothing or weight decay), in eval
+mode unless ``--train-mode-bn``. The checkpoint is a ``torch.save``'d dict with at least ``"model"`` (a ``state_dict``)
 and ``"config"`` (with ``"model"``, ``"dataset"``, ``"data_dir"`` and ``"seed"``), as
 ``flatmin train`` writes it.
 """
