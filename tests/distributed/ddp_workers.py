@@ -15,9 +15,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
-from flatmin import SAF, SAM, StableSAM
+from flatmin import MESA, SAF, SAM, StableSAM
 from flatmin.distributed import first_pass, reduce_metrics, sam_step
+from flatmin.distributed.checkpoint import load_on_every_rank, save_on_rank0
 from flatmin.distributed.collectives import max_replica_difference
+from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
 from flatmin.optim.bn import running_stats_frozen
 
@@ -197,3 +199,86 @@ def saf_train_run(rank: int, world_size: int, out_dir: str) -> None:
 def all_saf_runs(rank: int, world_size: int, out_dir: str) -> None:
     saf_lookup_run(rank, world_size, out_dir)
     saf_train_run(rank, world_size, out_dir)
+
+
+# -- SAM + SAF + MESA with a rank-0 checkpoint and a restart --------------------------------
+
+FULL_SAMPLES, FULL_EPOCHS, FULL_RESUME_EPOCH = 16, 4, 2
+
+
+def full_state(model, opt, saf, mesa) -> dict:
+    clone = lambda tree: {k: v.clone() if torch.is_tensor(v) else v for k, v in tree.items()}  # noqa: E731
+    return {
+        "model": clone(model.state_dict()),
+        "optimizer": opt.state_dict(),
+        "saf": clone(saf.state_dict()["store"]),
+        "teacher": clone(mesa.state_dict()["teacher"]),
+    }
+
+
+def full_run(rank: int, world_size: int, out_dir: str, resume: bool) -> None:
+    """SAM (per-process ε) + SAF + MESA on DDP; checkpoint after epoch 1, or resume there."""
+    out = Path(out_dir)
+    model = make_model()
+    if rank == 1:  # a different initialization on rank 1: DDP and MESA must replace it
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+    mesa = DistributedMESA(MESA(model, decay=0.9, lam=0.5, start_epoch=0))
+    ddp = DDP(model)
+    opt = SAM(ddp.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    saf = DistributedSAF(SAF(FULL_SAMPLES, 3, lag_epochs=1, start_epoch=0))
+    gen = torch.Generator().manual_seed(4)
+    xs, ys = (
+        torch.randn(FULL_SAMPLES, 5, generator=gen),
+        torch.randint(0, 3, (FULL_SAMPLES,), generator=gen),
+    )
+    first_epoch = 0
+    if resume:
+        checkpoint = load_on_every_rank(out / "checkpoint.pt")
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["optimizer"])
+        saf.load_state_dict(checkpoint["saf"])
+        mesa.load_state_dict(checkpoint["mesa"])
+        first_epoch = checkpoint["epoch"]
+    teacher_differences = []
+    for epoch in range(first_epoch, FULL_EPOCHS):
+        saf.set_epoch(epoch)
+        mesa.set_epoch(epoch)
+        order = torch.tensor(rank_order(FULL_SAMPLES, epoch, rank, world_size))
+        for idx in order.split(2):
+            x, y = xs[idx], ys[idx]
+
+            def closure(x=x, y=y, idx=idx):
+                logits = ddp(x)
+                loss = F.cross_entropy(logits, y) + saf(logits, idx) + mesa(x, logits)
+                loss.backward()
+                return loss
+
+            sam_step(opt, ddp, closure)
+            mesa.update()
+        teacher_differences.append(
+            max_replica_difference([*mesa.teacher.parameters(), *mesa.teacher.buffers()])
+        )
+        if not resume and epoch + 1 == FULL_RESUME_EPOCH:
+            save_on_rank0(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "saf": saf.state_dict(),
+                    "mesa": mesa.state_dict(),
+                    "epoch": epoch + 1,
+                },
+                out / "checkpoint.pt",
+                replicated=[*model.parameters(), *model.buffers()],
+            )
+    torch.save(
+        {"final": full_state(model, opt, saf, mesa), "teacher_differences": teacher_differences},
+        out / f"full_{'resumed' if resume else 'straight'}_{rank}.pt",
+    )
+
+
+def every_first_run(rank: int, world_size: int, out_dir: str) -> None:
+    """All scenarios that need no earlier result: one spawn serves every test module."""
+    all_sam_runs(rank, world_size, out_dir)
+    all_saf_runs(rank, world_size, out_dir)
+    full_run(rank, world_size, out_dir, False)

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from flatmin import SAF
-from flatmin.distributed.launch import spawn
 from flatmin.distributed.saf import DistributedSAF
 from tests.distributed.ddp_workers import (
     SAF_EPOCHS,
@@ -21,7 +20,6 @@ from tests.distributed.ddp_workers import (
     SAF_SAMPLES,
     SAF_TRAIN_EPOCHS,
     SAF_TRAIN_SAMPLES,
-    all_saf_runs,
     rank_order,
     saf_data,
     saf_model,
@@ -33,9 +31,8 @@ WORLD = 2
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_saf")
-    spawn(all_saf_runs, WORLD, str(out))
+def runs(ddp_results):
+    out = ddp_results
     return {
         name: [torch.load(out / f"{name}_{r}.pt") for r in range(WORLD)]
         for name in ("saf_lookup", "saf_train")

@@ -12,11 +12,9 @@ import torch.nn.functional as F
 
 from flatmin import SAM, StableSAM
 from flatmin.distributed import m_sharpness_step, sam_step
-from flatmin.distributed.launch import spawn
 from tests.distributed.ddp_workers import (
     GLOBAL_BATCH,
     STEPS,
-    all_sam_runs,
     make_data,
     make_model,
     shard,
@@ -27,9 +25,8 @@ WORLD = 2
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_sam")
-    spawn(all_sam_runs, WORLD, str(out))
+def runs(ddp_results):
+    out = ddp_results
     load = lambda name: [torch.load(out / f"{name}_{r}.pt") for r in range(WORLD)]  # noqa: E731
     return {
         "local": load("sam_local_0"),

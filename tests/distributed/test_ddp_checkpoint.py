@@ -1,0 +1,59 @@
+"""SAM + SAF + MESA on 2 processes: equal teachers, and a rank-0 checkpoint that resumes
+both restarted processes bit for bit (flatmin.distributed.checkpoint, .mesa)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flatmin.distributed.checkpoint import load_on_every_rank, save_on_rank0
+from flatmin.distributed.launch import spawn
+from tests.distributed.ddp_workers import FULL_EPOCHS, FULL_RESUME_EPOCH, full_run
+
+pytestmark = pytest.mark.distributed
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def runs(ddp_results):
+    out = ddp_results
+    straight = [torch.load(out / f"full_straight_{r}.pt") for r in range(WORLD)]
+    spawn(full_run, WORLD, str(out), True)  # two new processes, from rank 0's file
+    resumed = [torch.load(out / f"full_resumed_{r}.pt") for r in range(WORLD)]
+    return straight, resumed
+
+
+def assert_trees_equal(a, b, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_trees_equal(a[key], b[key], f"{path}/{key}")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def test_mesa_teachers_are_identical_on_every_process(runs):
+    straight, resumed = runs
+    for run in (*straight, *resumed):
+        assert run["teacher_differences"] and all(d == 0.0 for d in run["teacher_differences"])
+    assert len(straight[0]["teacher_differences"]) == FULL_EPOCHS
+    assert len(resumed[0]["teacher_differences"]) == FULL_EPOCHS - FULL_RESUME_EPOCH
+    assert_trees_equal(straight[0]["final"]["teacher"], straight[1]["final"]["teacher"])
+
+
+def test_restart_from_rank0_checkpoint_is_bit_exact_on_every_rank(runs):
+    straight, resumed = runs
+    for rank in range(WORLD):
+        assert_trees_equal(resumed[rank]["final"], straight[rank]["final"])
+    assert_trees_equal(straight[0]["final"], straight[1]["final"])
+
+
+def test_save_on_rank0_alone_writes_atomically_and_loads(tmp_path):
+    path = tmp_path / "state.pt"
+    save_on_rank0({"w": torch.arange(3)}, path, replicated=[torch.ones(2)])
+    assert not (tmp_path / "state.pt.partial").exists()
+    assert torch.equal(load_on_every_rank(path)["w"], torch.arange(3))
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        load_on_every_rank(tmp_path / "missing.pt")
