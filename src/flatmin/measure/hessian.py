@@ -15,7 +15,8 @@ backward, one batch at a time.
   the rest. Both report a standard error from the spread of their random terms.
 
 Randomness comes from a ``torch.Generator`` seeded with ``seed``; the global RNG is not
-touched. The memory of Lanczos is ``(max_iter + 1) × (number of parameters)``.
+touched. Lanczos keeps ``max_iter + 1`` vectors of the parameters' size, Hutch++
+``2·⌊q/3⌋``, Hutchinson one.
 """
 
 from __future__ import annotations
@@ -328,9 +329,11 @@ def hessian_eigenvalues(
 def _hutchinson(
     op: HessianOperator, queries: int, generator: torch.Generator, progress: Progress | None
 ) -> tuple[float, float]:
-    probes = _rademacher(op, queries, generator)
-    samples = torch.stack([probes[i] @ op(probes[i]) for i in _iterate(queries, progress)])
-    return _mean_and_stderr(samples)
+    samples = []
+    for _ in _iterate(queries, progress):
+        z = _rademacher(op, 1, generator)[0]  # one at a time: q·dim floats would not fit
+        samples.append(z @ op(z))
+    return _mean_and_stderr(torch.stack(samples))
 
 
 def _hutch_plus_plus(
@@ -348,9 +351,9 @@ def _hutch_plus_plus(
     images = torch.stack([op(s) for s, _ in zip(sketch, steps)])
     basis, _ = torch.linalg.qr(images.T)
     exact_part = sum(float(q @ op(q)) for q, _ in zip(basis.T, steps))
-    probes = _rademacher(op, queries - 2 * sketch_size, generator)
     samples = []
-    for g, _ in zip(probes, steps):
+    for _ in steps:
+        g = _rademacher(op, 1, generator)[0]
         residual = g - basis @ (basis.T @ g)
         samples.append(residual @ op(residual))
     mean, stderr = _mean_and_stderr(torch.stack(samples))
