@@ -90,3 +90,8 @@ def test_bad_input_is_a_clear_error():
         tempered_kl(torch.randn(4, 3), torch.randn(4, 3), 0.0)
     with pytest.raises(ValueError, match=r"valid mask of shape \(4,\)"):
         tempered_kl(torch.randn(4, 3), torch.randn(4, 3), 1.0, torch.ones(3, dtype=torch.bool))
+
+
+def test_an_empty_batch_gives_zero_not_nan():
+    z = torch.randn(0, 3, requires_grad=True)
+    assert tempered_kl(z, torch.randn(0, 3), 5.0).item() == 0.0

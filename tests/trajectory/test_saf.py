@@ -192,3 +192,17 @@ def test_resume_is_bit_exact(tmp_path):
     assert torch.equal(saf.store.logits, resumed[2].store.logits)
     assert torch.equal(saf.store.written_epoch, resumed[2].store.written_epoch)
     assert saf.epoch == resumed[2].epoch == 5
+
+
+def test_load_state_dict_rejects_an_incomplete_state_without_changing_anything():
+    saf = SAF(4, 3, lag_epochs=2)
+    saf(torch.randn(4, 3), torch.arange(4))
+    before = saf.store.logits.clone(), saf.store.written_epoch.clone()
+    other = SAF(4, 3, lag_epochs=2)
+    state = {k: v for k, v in other.state_dict().items() if k != "epoch"}
+    with pytest.raises(ValueError, match="missing \\['epoch'\\]"):
+        saf.load_state_dict(state)
+    with pytest.raises(ValueError, match="lag_epochs=2"):
+        saf.load_state_dict(SAF(4, 3, lag_epochs=3).state_dict())
+    assert torch.equal(saf.store.logits, before[0])
+    assert torch.equal(saf.store.written_epoch, before[1])

@@ -53,6 +53,8 @@ def tempered_kl(
         )
     if not tau > 0:
         raise ValueError(f"expected a temperature tau > 0, got {tau}")
+    if logits.shape[0] == 0:
+        return zero_term(logits)
     dtype = _compute_dtype(logits)
     log_q = F.log_softmax(logits.to(dtype) / tau, dim=1)
     log_p = F.log_softmax(target_logits.detach().to(device=logits.device, dtype=dtype) / tau, dim=1)

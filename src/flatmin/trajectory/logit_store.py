@@ -180,7 +180,12 @@ class LogitStore:
         return Exchange(targets=old_rows, valid=valid, skipped=skipped)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"logits": self.logits.clone(), "written_epoch": self.written_epoch.clone()}
+        """The slots and their epochs, as references (like ``nn.Module.state_dict``).
+
+        Not cloned, so a large (or memory-mapped) store is not duplicated in memory;
+        ``torch.save`` it, or ``copy.deepcopy`` it to keep a snapshot while training on.
+        """
+        return {"logits": self.logits, "written_epoch": self.written_epoch}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for name in ("logits", "written_epoch"):

@@ -161,9 +161,12 @@ class MESA:
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:
-        """Teacher weights and buffers, the update count, the epoch and the settings."""
+        """Teacher weights and buffers, the update count, the epoch and the settings.
+
+        Tensors are references, as in ``nn.Module.state_dict``.
+        """
         return {
-            "teacher": {k: v.clone() for k, v in self.teacher.state_dict().items()},
+            "teacher": self.teacher.state_dict(),
             "num_updates": self.num_updates,
             "epoch": self.epoch,
             "decay": self.decay,
@@ -175,6 +178,11 @@ class MESA:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s contents (the teacher must have the same layout)."""
+        missing = _STATE_KEYS - state.keys()
+        if missing:
+            raise ValueError(
+                f"expected a MESA state with keys {sorted(_STATE_KEYS)}; missing {sorted(missing)}"
+            )
         self.teacher.load_state_dict(state["teacher"])
         self.num_updates = int(state["num_updates"])
         self.epoch = int(state["epoch"])
@@ -190,6 +198,9 @@ class MESA:
             f"start_epoch={self.start_epoch}, warmup={self.warmup}, "
             f"num_updates={self.num_updates}, epoch={self.epoch})"
         )
+
+
+_STATE_KEYS = {"teacher", "num_updates", "epoch", "decay", "lam", "tau", "start_epoch", "warmup"}
 
 
 def _shape(value: object) -> str:

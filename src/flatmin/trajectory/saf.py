@@ -171,7 +171,10 @@ class SAF:
         return self.lam * tempered_kl(logits, targets, self.tau, valid)
 
     def state_dict(self) -> dict[str, Any]:
-        """Store contents, the epochs that wrote them, the current epoch and the settings."""
+        """Store contents, the epochs that wrote them, the current epoch and the settings.
+
+        The store's tensors are references, not copies (see ``LogitStore.state_dict``).
+        """
         self._report_skips()
         return {
             "store": self.store.state_dict(),
@@ -183,7 +186,15 @@ class SAF:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s contents into this (identically shaped) SAF."""
+        """Restore :meth:`state_dict`'s contents into this (identically shaped) SAF.
+
+        Everything is checked before anything is changed.
+        """
+        missing = _STATE_KEYS - state.keys()
+        if missing:
+            raise ValueError(
+                f"expected a SAF state with keys {sorted(_STATE_KEYS)}; missing {sorted(missing)}"
+            )
         if state["lag_epochs"] != self.lag_epochs:
             raise ValueError(
                 f"expected a state with lag_epochs={self.lag_epochs}, got {state['lag_epochs']}"
@@ -219,6 +230,9 @@ class SAF:
             f"start_epoch={self.start_epoch}, store_dtype={self.store.dtype}, "
             f"device={self.store.device}, epoch={self.epoch})"
         )
+
+
+_STATE_KEYS = {"store", "epoch", "lam", "tau", "lag_epochs", "start_epoch"}
 
 
 class _LastBatch:
