@@ -1,0 +1,123 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flatmin.bench.accuracy import (
+    FINAL_NAME,
+    RunJob,
+    RunLock,
+    Section,
+    Variant,
+    collect,
+    format_section,
+    plan,
+    report,
+    run_job,
+    run_study,
+    section_rows,
+    study,
+)
+from flatmin.train.loop import Trainer
+
+# Digits (bundled with scikit-learn): 200 samples, one epoch, an MLP — a second per run.
+TINY = Section(
+    "tiny",
+    "digits, 1 epoch",
+    dataset="digits",
+    model="mlp",
+    subset=200,
+    epochs=1,
+    batch_size=50,
+    seeds=(0, 1),
+    variants=(Variant.of("sgd"), Variant.of("sam"), Variant.of("not-a-method")),
+)
+
+
+def test_plan_skips_unregistered_methods_and_limits_seeds():
+    jobs, missing = plan([TINY], registered={"sgd", "sam"})
+    assert missing == ["not-a-method"]
+    assert [(j.variant.label, j.seed) for j in jobs] == [
+        ("sgd", 0), ("sam", 0), ("sgd", 1), ("sam", 1),
+    ]  # fmt: skip
+    jobs, _ = plan([TINY], registered={"sgd", "sam"}, seeds=1)
+    assert {j.seed for j in jobs} == {0}
+
+
+def test_presets_pair_every_variant_with_a_baseline_in_its_section():
+    for name in ("quick", "full"):
+        for section in study(name):
+            labels = {v.label for v in section.variants}
+            assert len(labels) == len(section.variants)
+            assert all(v.baseline in labels for v in section.variants), section.name
+            assert len(section.seeds) >= 2
+    main = study("quick")[0]
+    assert {"sgd", "sam", "asam", "stablesam", "saf", "mesa"} <= {v.method for v in main.variants}
+    assert len(main.seeds) >= 5
+    with pytest.raises(ValueError, match="valid studies"):
+        study("huge")
+
+
+@pytest.mark.slow
+def test_a_study_runs_measures_reports_and_skips_finished_runs(tmp_path):
+    jobs, _ = plan([TINY], registered={"sgd", "sam"})
+    assert run_study(jobs, tmp_path, threads=1, log=lambda _: None) == 0
+    finals = {}
+    for job in jobs:
+        out = job.directory(tmp_path)
+        assert (out / "metrics.jsonl").is_file() and (out / "config.json").is_file()
+        finals[job.name] = json.loads((out / FINAL_NAME).read_text())
+        assert finals[job.name]["epochs"] == 1
+        assert finals[job.name]["measure_samples"] == 200
+        assert finals[job.name]["lambda_max"] > 0
+        assert "sharpness" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+    # A second pass finds every final.json and trains nothing.
+    stamps = {j.name: (j.directory(tmp_path) / FINAL_NAME).stat().st_mtime_ns for j in jobs}
+    run_study(jobs, tmp_path, threads=1, log=lambda _: None)
+    assert stamps == {j.name: (j.directory(tmp_path) / FINAL_NAME).stat().st_mtime_ns for j in jobs}
+
+    rows = section_rows(TINY, collect(tmp_path, [TINY])["tiny"])
+    sam = next(r for r in rows if r["variant"] == "sam")
+    d = [finals[f"sam-s{s}"]["test_acc"] - finals[f"sgd-s{s}"]["test_acc"] for s in (0, 1)]
+    assert sam["diff"]["mean"] == pytest.approx(sum(d) / 2)
+    assert sam["n"] == 2 and "diff" not in rows[0]
+    text, data = report(tmp_path, [TINY], ["not-a-method"])
+    assert "| sam | 2 |" in text and "not-a-method" in text
+    assert data["sections"]["tiny"]["rows"][1]["variant"] == "sam"
+    assert format_section(TINY, rows).startswith("### digits, 1 epoch")
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_is_continued(tmp_path):
+    two = Section("two", "digits, 2 epochs", dataset="digits", model="mlp", subset=200,
+                  epochs=2, batch_size=50, seeds=(0,), variants=(Variant.of("sgd"),))  # fmt: skip
+    job = RunJob(two, two.variants[0], 0)
+    Trainer(job.config(threads=1), job.directory(tmp_path), progress=False).run(stop_after=1)
+    result = run_job(job, tmp_path, threads=1)
+    assert result["epochs"] == 2
+    lines = (job.directory(tmp_path) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_reused_variant_reads_the_home_section(tmp_path):
+    variant = Variant.of("sgd").reused_from("main")
+    job = RunJob(TINY, variant, 3)
+    assert job.directory(tmp_path) == tmp_path / "main" / "sgd-s3"
+
+
+def test_run_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
+    path = tmp_path / "run" / ".lock"
+    first, second = RunLock(path), RunLock(path)
+    assert first.acquire()
+    assert not second.acquire()  # held by a live process (this one)
+    first.release()
+    assert not path.exists()
+    # A lock left by a process that has exited is stale.
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    path.write_text(done.stdout.strip())
+    assert second.acquire()
+    assert path.read_text() != done.stdout.strip()
+    second.release()
