@@ -7,7 +7,7 @@ one entry here and inherit the contract tests of tests/optim/test_family_contrac
 
 from __future__ import annotations
 
-from flatmin import ASAM, SAM, StableSAM
+from flatmin import ASAM, ESAM, GSAM, SAM, LookSAM, StableSAM
 
 FAMILY = {
     "sam": lambda params, base, **kw: SAM(params, base, rho=0.05, **kw),
@@ -17,4 +17,15 @@ FAMILY = {
     ),
     "usam": lambda params, base, **kw: SAM(params, base, rho=0.05, normalize=False, **kw),
     "stablesam": lambda params, base, **kw: StableSAM(params, base, rho=0.05, **kw),
+    # GSAM with its LR-driven radius and the orthogonal correction both active.
+    "gsam": lambda params, base, **kw: GSAM(params, base, rho=0.05, alpha=0.4, rho_min=0.01, **kw),
+    # Full steps only (k = 1): under bf16 autocast the reused direction g_v, a small
+    # difference of two gradients, is rounding noise, so reuse steps cannot meet the
+    # autocast tolerance. test_looksam.py runs the other contracts with k = 2.
+    "looksam": lambda params, base, **kw: LookSAM(params, base, rho=0.05, k=1, alpha=0.7, **kw),
+    # SAM-style closures: stochastic weight perturbation only (data selection needs
+    # per-sample losses; tests/optim/test_esam.py covers it).
+    "esam": lambda params, base, **kw: ESAM(
+        params, base, rho=0.05, beta=0.6, gamma=1.0, seed=0, **kw
+    ),
 }

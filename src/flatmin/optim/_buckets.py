@@ -100,3 +100,11 @@ def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """``Σ_t ⟨a_t, b_t⟩`` over one bucket's tensors (float32 at least)."""
     dtype = torch.promote_types(a[0].dtype, torch.float32)
     return torch.stack([torch.sum(x.to(dtype) * y.to(dtype)) for x, y in zip(a, b)]).sum()
+
+
+def global_dot(a: list[list[Tensor]], b: list[list[Tensor]], device: torch.device) -> Tensor:
+    """``Σ_b ⟨a_b, b_b⟩`` over per-bucket lists that may live on different devices."""
+    parts = [dot(x, y).to(device, non_blocking=True) for x, y in zip(a, b) if x]
+    if not parts:
+        return torch.zeros((), device=device)
+    return torch.stack(parts).sum()

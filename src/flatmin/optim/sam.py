@@ -211,25 +211,30 @@ class SAM(Optimizer):
             self.restore_weights()
             self._surrogate_gradient(buckets)
             finite = self._first_finite
+        self._apply_update(buckets, finite, grad_scaler)
+        self._clear_transient()
+        if zero_grad:
+            self.zero_grad()
+
+    def _apply_update(self, buckets: list[Bucket], finite: Tensor, grad_scaler: Any) -> None:
+        """Apply the base optimizer to the direction now in ``.grad`` (unscaled, clipped),
+        or skip it when ``finite`` is false; LookSAM's single-pass steps use it too."""
         if grad_scaler is not None:
             self._mark_nonfinite(buckets, finite)
             grad_scaler.unscale_(self)
-            self._clip(buckets)
+            self._clip()
             self._base_step_pending = True
             try:
                 grad_scaler.step(self)
             finally:
                 self._base_step_pending = False
         elif not self.skip_nonfinite or bool(finite):
-            self._clip(buckets)
+            self._clip()
             self._base_step_pending = True
             try:
                 self.step()
             finally:
                 self._base_step_pending = False
-        self._clear_transient()
-        if zero_grad:
-            self.zero_grad()
 
     @torch.no_grad()
     def restore_weights(self) -> None:
@@ -333,10 +338,12 @@ class SAM(Optimizer):
             return tensors
         return torch._foreach_mul(tensors, self._adaptive_scale(bucket, bucket.params))
 
-    def _clip(self, buckets: list[Bucket]) -> None:
+    def _clip(self) -> None:
+        """Clip every gradient the base step will apply (ESAM's unperturbed tensors too)."""
         if self.max_grad_norm is None:
             return
         with torch.no_grad():
+            buckets = make_buckets(self.param_groups, adaptive_rule=False)
             norm = global_norm([b.grads for b in buckets], self._reference_device())
             coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
             for b in buckets:

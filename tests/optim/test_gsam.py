@@ -1,0 +1,123 @@
+"""GSAM against SAM (α = 0), a float64 closed form on L(w) = ½ wᵀAw, and its ρ schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flatmin import GSAM, SAM
+from flatmin.optim.gsam import scheduled_rho
+from tests.optim.test_family_contract import batches, bn_net, snapshot, state_equal, train
+from tests.optim.test_sam import LR, Quadratic, flat, grad_at, make_problem, one_step
+
+
+def test_alpha_zero_with_constant_rho_is_sam_bit_for_bit():
+    data = batches(6)
+    runs = {}
+    for name in ("sam", "gsam"):
+        model = bn_net()
+        kw = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+        if name == "sam":
+            opt = SAM(model.parameters(), torch.optim.SGD, rho=0.07, **kw)
+        else:
+            opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.07, alpha=0.0, rho_min=0.07, **kw)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for x, y in data:
+            train(model, opt, [(x, y)])
+            sched.step()
+        runs[name] = (snapshot(model), opt.base_optimizer.state_dict()["state"])
+    assert all(torch.equal(a, b) for a, b in zip(runs["sam"][0].values(), runs["gsam"][0].values()))
+    assert state_equal(runs["sam"][1], runs["gsam"][1])
+
+
+@pytest.mark.parametrize("alpha", [0.4, 1.3])
+def test_update_direction_matches_closed_form(alpha):
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    v = flat(model)
+    opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.1, alpha=alpha, rho_min=0.1, lr=LR)
+    one_step(opt, model)
+    g = grad_at(A, v)
+    g_s = grad_at(A, v + 0.1 * g / g.norm())
+    g_perp = g - (g @ g_s) / (g_s @ g_s) * g_s
+    assert abs(g_perp @ g_s) < 1e-12  # the closed form itself: g_⊥ ⟂ g_s
+    torch.testing.assert_close(flat(model), v - LR * (g_s - alpha * g_perp), rtol=0, atol=1e-14)
+
+
+def test_rho_follows_the_learning_rate_of_a_torch_scheduler():
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.2, rho_min=0.05, lr=0.5)
+    factors = [1.0, 0.5, 0.1, 0.0, 1.5]  # the last one goes beyond lr_max: ρ stays at ρ_max
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: factors[min(t, len(factors) - 1)])
+    for factor in factors:
+        lr = 0.5 * factor
+        expected = 0.05 + 0.15 * min(lr / 0.5, 1.0)
+        opt.zero_grad()
+        model().backward()
+        before = flat(model)
+        opt.first_step(zero_grad=True)
+        radius = (flat(model) - before).norm().item()
+        assert radius == pytest.approx(expected, rel=1e-12)
+        model().backward()
+        opt.second_step(zero_grad=True)
+        sched.step()
+
+
+def test_lr_range_and_per_group_defaults():
+    lin = nn.Linear(3, 2)
+    opt = GSAM(
+        [{"params": [lin.weight], "lr": 0.4}, {"params": [lin.bias], "rho": 0.1}],
+        torch.optim.SGD,
+        rho=0.3,
+        lr=0.2,
+        lr_min=0.1,
+    )
+    first, second = opt.param_groups
+    assert (first["rho_max"], first["lr_max"], first["lr_min"]) == (0.3, 0.4, 0.1)
+    assert (second["rho_max"], second["lr_max"]) == (0.1, 0.2)
+    first["lr"], second["lr"] = 0.25, 0.15
+    opt._before_first_step()
+    assert first["rho"] == pytest.approx(0.3 * (0.25 - 0.1) / (0.4 - 0.1))
+    assert second["rho"] == pytest.approx(0.1 * (0.15 - 0.1) / (0.2 - 0.1))
+
+
+def test_scheduled_rho_is_constant_when_the_lr_range_or_rho_range_is_empty():
+    assert scheduled_rho(0.01, 0.3, 0.1, lr_max=0.5, lr_min=0.5) == 0.3
+    assert scheduled_rho(0.01, 0.3, 0.3, lr_max=0.5, lr_min=0.0) == 0.3
+    assert scheduled_rho(torch.tensor(0.25), 0.3, 0.1, 0.5, 0.0).item() == pytest.approx(0.2)
+
+
+def test_added_param_group_gets_the_schedule():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    opt = GSAM(a.parameters(), torch.optim.SGD, rho=0.2, rho_min=0.05, lr=0.1)
+    opt.add_param_group({"params": b.parameters(), "lr": 0.3})
+    group = opt.param_groups[-1]
+    assert (group["rho_max"], group["rho_min"], group["lr_max"]) == (0.2, 0.05, 0.3)
+    assert opt.base_optimizer.param_groups is opt.param_groups
+
+
+def test_schedule_settings_are_checkpointed():
+    model = bn_net()
+    opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.2, rho_min=0.05, lr_max=1.0, lr=0.5)
+    train(model, opt, batches(1))
+    saved = opt.state_dict()["base_optimizer"]["param_groups"][0]
+    assert (saved["rho_max"], saved["rho_min"], saved["lr_max"]) == (0.2, 0.05, 1.0)
+    assert saved["rho"] == pytest.approx(0.05 + 0.15 * 0.5)
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        "kwargs, match",
+        [
+            (dict(alpha=-0.1), "alpha must be a number >= 0"),
+            (dict(rho=0.05, rho_min=0.1), "rho_min .* must not exceed rho"),
+            (dict(rho_min=-0.01), "rho_min must be a number >= 0"),
+            (dict(lr_max=0.01, lr_min=0.1), "lr_max must be a number >= lr_min"),
+            (dict(rho=-1.0), "rho must be a non-negative number"),
+        ],
+    )
+    def test_rejected_settings(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            GSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, **kwargs)

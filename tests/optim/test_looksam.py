@@ -1,0 +1,173 @@
+"""LookSAM: one pass on reuse steps, the reused direction against a float64 closed form on
+L(w) = ½ wᵀAw with SGD and AdamW, its state in the checkpoint, and the family contracts
+run with k = 2 so that they cross reuse steps."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from flatmin import SAM, LookSAM
+from flatmin.optim.bn import running_stats_frozen
+from tests.optim import test_family_contract as contract
+from tests.optim.test_family_contract import batches, bn_net, snapshot, state_equal, train
+from tests.optim.test_sam import Quadratic, flat, grad_at, make_problem
+
+LOOKSAM_K2 = "looksam_k2"
+
+
+@pytest.fixture
+def family_with_k2(monkeypatch):
+    """The lead's contract tests, pointed at LookSAM with k = 2 (full, reuse, full, …)."""
+    monkeypatch.setitem(
+        contract.FAMILY,
+        LOOKSAM_K2,
+        lambda params, base, **kw: LookSAM(params, base, rho=0.05, k=2, alpha=0.7, **kw),
+    )
+
+
+@pytest.mark.parametrize("base", contract.BASES)
+def test_resume_across_reuse_steps_is_bit_exact(family_with_k2, base, tmp_path):
+    contract.test_resume_is_bit_exact(LOOKSAM_K2, base, tmp_path)  # checkpoint before a reuse step
+
+
+def test_weights_restored_when_a_full_steps_second_pass_raises(family_with_k2):
+    contract.test_weights_restored_when_second_pass_raises(LOOKSAM_K2)
+
+
+def test_reuse_steps_call_the_closure_once():
+    model = bn_net()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, k=3, lr=0.05)
+    calls, reuse = [], []
+    for x, y in batches(7):
+        opt.zero_grad()
+        reuse.append(opt.is_reuse_step)
+        before = len(calls)
+
+        def closure(x=x, y=y):
+            calls.append(1)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure, model=model)
+        assert len(calls) - before == (1 if reuse[-1] else 2)
+    assert reuse == [False, True, True, False, True, True, False]
+    assert len(calls) == 3 * 2 + 4 * 1
+    assert opt.state_dict()["method"]["steps_done"] == 7
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_full_and_reuse_steps_match_closed_form(base):
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    rho, alpha, k = 0.2, 0.7, 3
+    base_cls, kw = (
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9))
+        if base == "sgd"
+        else (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1))
+    )
+    opt = LookSAM(model.parameters(), base_cls, rho=rho, k=k, alpha=alpha, **kw)
+    ref_param = nn.Parameter(flat(model).clone())
+    ref_opt = base_cls([ref_param], **kw)
+    g_v = None
+    for t in range(7):
+        v = ref_param.detach().clone()
+        g = grad_at(A, v)
+        if t % k == 0:
+            g_s = grad_at(A, v + rho * g / g.norm())
+            g_v = g_s - (g @ g_s) / (g @ g) * g
+            direction = g_s
+        else:
+            direction = g + alpha * g.norm() / g_v.norm() * g_v
+        ref_param.grad = direction
+        ref_opt.step()
+        opt.zero_grad()
+        opt.step(lambda: (loss := model()).backward() or loss)
+        torch.testing.assert_close(flat(model), ref_param.detach(), rtol=0, atol=1e-13)
+
+
+def test_explicit_loop_equals_the_closure_loop_bit_for_bit():
+    data = batches(6)
+    closure_model = bn_net()
+    closure_opt = LookSAM(closure_model.parameters(), torch.optim.SGD, k=3, lr=0.05, momentum=0.9)
+    train(closure_model, closure_opt, data)
+
+    model = bn_net()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, k=3, lr=0.05, momentum=0.9)
+    second_passes = []
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        second_passes.append(opt.is_perturbed)
+        if opt.is_perturbed:
+            with running_stats_frozen(model):
+                nn.functional.cross_entropy(model(x), y).backward()
+            opt.second_step()
+    assert second_passes == [True, False, False, True, False, False]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(snapshot(model).values(), snapshot(closure_model).values())
+    )
+    assert state_equal(opt.state_dict(), closure_opt.state_dict())
+
+
+def test_k_one_is_sam_bit_for_bit():
+    data = batches(4)
+    a, b = bn_net(), bn_net()
+    train(a, SAM(a.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9), data)
+    train(b, LookSAM(b.parameters(), torch.optim.SGD, rho=0.05, k=1, lr=0.05, momentum=0.9), data)
+    assert all(torch.equal(p, q) for p, q in zip(snapshot(a).values(), snapshot(b).values()))
+
+
+def test_batchnorm_statistics_move_once_on_full_and_reuse_steps():
+    model = bn_net()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, k=2, lr=0.1)
+    for step, (x, y) in enumerate(batches(4), start=1):
+        reference = copy.deepcopy(model)
+        reference(x)  # the one training-mode forward at w this step may count
+        train(model, opt, [(x, y)])
+        assert torch.equal(model[1].running_mean, reference[1].running_mean)
+        assert torch.equal(model[1].running_var, reference[1].running_var)
+        assert model[1].num_batches_tracked.item() == step
+
+
+def test_state_dict_holds_counter_and_reused_direction():
+    model = bn_net()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, k=2, lr=0.05)
+    assert opt.state_dict()["method"]["g_v"] == [None] * len(list(model.parameters()))
+    train(model, opt, batches(1))
+    method = opt.state_dict()["method"]
+    assert method["steps_done"] == 1 and opt.is_reuse_step
+    g_v = torch.cat([t.flatten() for t in method["g_v"]])
+    assert method["g_v_norm"].item() == pytest.approx(g_v.norm().item(), rel=1e-6)
+
+
+def test_loading_a_state_of_another_model_changes_nothing():
+    model = bn_net()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, k=2, lr=0.05, momentum=0.9)
+    train(model, opt, batches(3))
+    other = nn.Linear(6, 4)
+    other_opt = LookSAM(other.parameters(), torch.optim.SGD, k=2, lr=0.05, momentum=0.9)
+    train_other = [(torch.randn(3, 6), None)]
+    for x, _ in train_other:
+        other_opt.step(lambda x=x: (loss := other(x).square().mean()).backward() or loss)
+    saved = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="same model and param groups"):
+        opt.load_state_dict(other_opt.state_dict())
+    assert state_equal(opt.state_dict(), saved)
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("k", [0, -2, 2.5, True])
+    def test_k_must_be_a_positive_integer(self, k):
+        with pytest.raises(ValueError, match="k must be an integer >= 1"):
+            LookSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, k=k, lr=0.1)
+
+    def test_negative_alpha(self):
+        with pytest.raises(ValueError, match="alpha must be a number >= 0"):
+            LookSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, alpha=-0.5, lr=0.1)
