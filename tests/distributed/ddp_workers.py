@@ -21,7 +21,10 @@ from flatmin.distributed.checkpoint import load_on_every_rank, save_on_rank0
 from flatmin.distributed.collectives import max_replica_difference
 from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
+from flatmin.distributed.train import train_in_group
 from flatmin.optim.bn import running_stats_frozen
+from flatmin.train.loop import TrainConfig
+from flatmin.train.registry import METHODS
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -277,8 +280,58 @@ def full_run(rank: int, world_size: int, out_dir: str, resume: bool) -> None:
     )
 
 
+# -- the reference trainer ---------------------------------------------------------------
+
+TRAIN_RESUMED = ("sam", "saf", "mesa")
+TRAIN_FAST = {
+    "saf": {"start_epoch": 0, "lag_epochs": 1},
+    "mesa": {"start_epoch": 0, "ema_decay": 0.9},
+}
+
+
+def train_config(method: str) -> TrainConfig:
+    return TrainConfig(
+        method=method,
+        dataset="digits",
+        model="cnn",  # BatchNorm: statistics must be identical on both processes
+        epochs=2,
+        batch_size=16,
+        eval_batch_size=500,
+        subset=48,
+        hyperparameters=dict(TRAIN_FAST.get(method, {})),
+    ).resolved()
+
+
+def trainer_first_round(rank: int, world_size: int, root: str) -> None:
+    """Every registered method for an epoch; three of them for two epochs, straight and
+    stopped after one (to be resumed by :func:`trainer_resume` in new processes)."""
+    for method in METHODS:
+        stop_after = None if method in TRAIN_RESUMED else 1
+        run_dir = f"{root}/{method}-straight"
+        train_in_group(rank, world_size, train_config(method), run_dir, False, stop_after, True)
+    for method in TRAIN_RESUMED:
+        run_dir = f"{root}/{method}-split"
+        train_in_group(rank, world_size, train_config(method), run_dir, False, 1, True)
+
+
+def trainer_resume(rank: int, world_size: int, root: str) -> None:
+    for method in TRAIN_RESUMED:
+        run_dir = f"{root}/{method}-split"
+        train_in_group(rank, world_size, train_config(method), run_dir, True, None, True)
+
+
+# -- the two spawns of the session ------------------------------------------------------
+
+
 def every_first_run(rank: int, world_size: int, out_dir: str) -> None:
     """All scenarios that need no earlier result: one spawn serves every test module."""
     all_sam_runs(rank, world_size, out_dir)
     all_saf_runs(rank, world_size, out_dir)
     full_run(rank, world_size, out_dir, False)
+    trainer_first_round(rank, world_size, out_dir)
+
+
+def every_resumed_run(rank: int, world_size: int, out_dir: str) -> None:
+    """Fresh processes that continue from the first spawn's rank-0 checkpoints."""
+    full_run(rank, world_size, out_dir, True)
+    trainer_resume(rank, world_size, out_dir)

@@ -7,18 +7,17 @@ import pytest
 import torch
 
 from flatmin.distributed.checkpoint import load_on_every_rank, save_on_rank0
-from flatmin.distributed.launch import spawn
-from tests.distributed.ddp_workers import FULL_EPOCHS, FULL_RESUME_EPOCH, full_run
+from tests.distributed.ddp_workers import FULL_EPOCHS, FULL_RESUME_EPOCH
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
 
 
 @pytest.fixture(scope="module")
-def runs(ddp_results):
-    out = ddp_results
+def runs(ddp_resumed):
+    out = ddp_resumed
     straight = [torch.load(out / f"full_straight_{r}.pt") for r in range(WORLD)]
-    spawn(full_run, WORLD, str(out), True)  # two new processes, from rank 0's file
+    # written by two new processes that resumed from rank 0's checkpoint file
     resumed = [torch.load(out / f"full_resumed_{r}.pt") for r in range(WORLD)]
     return straight, resumed
 

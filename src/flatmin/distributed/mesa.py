@@ -79,6 +79,11 @@ class DistributedMESA:
     def active(self) -> bool:
         return self.mesa.active
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the teacher on *each* process."""
+        return self.mesa.memory_bytes
+
     def set_epoch(self, epoch: int) -> None:
         self.mesa.set_epoch(epoch)
 
