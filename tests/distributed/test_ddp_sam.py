@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from flatmin import SAM, StableSAM
-from flatmin.distributed import m_sharpness_step, sam_step
+from flatmin.distributed import first_pass, m_sharpness_step, sam_step
 from tests.distributed.ddp_workers import (
     GLOBAL_BATCH,
     STEPS,
@@ -182,3 +182,54 @@ def test_m_sharpness_rejects_mismatched_targets_and_plain_optimizers():
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="first_step"):
         m_sharpness_step(sgd, model, F.cross_entropy, xs[0], ys[0], m=4)
+
+
+def test_sam_step_on_one_process_is_sam_step_bit_for_bit():
+    xs, ys = make_data()
+    models = [make_model(), make_model()]
+    opts = [SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9) for m in models]
+    for step in range(STEPS):
+
+        def closure(model, step=step):
+            loss = F.cross_entropy(model(xs[step]), ys[step])
+            loss.backward()
+            return loss
+
+        opts[0].zero_grad()
+        opts[0].step(lambda: closure(models[0]), model=models[0])
+        sam_step(opts[1], models[1], lambda: closure(models[1]))
+    assert_states(models[0].state_dict(), models[1].state_dict(), exact=True)
+
+
+def test_sam_step_restores_the_weights_when_the_second_pass_raises():
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    xs, ys = make_data()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("second pass failed")
+        loss = F.cross_entropy(model(xs[0]), ys[0])
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="second pass failed"):
+        sam_step(opt, model, closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not opt.is_perturbed
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"perturbation": "shared"}, "perturbation"), ({"statistics": "median"}, "statistics")],
+)
+def test_sam_step_rejects_unknown_options(options, match):
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        sam_step(opt, model, lambda: None, **options)
+    with pytest.raises(ValueError, match=match), first_pass(model, **options):
+        pass

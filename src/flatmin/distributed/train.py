@@ -207,6 +207,7 @@ def run_distributed(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flatmin.distributed.train``: ``flatmin train``'s flags plus ``--nproc``."""
     from flatmin.train import command
 
     parser = argparse.ArgumentParser(
@@ -220,42 +221,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, out = command.build_config(args)
         if "WORLD_SIZE" in os.environ and args.nproc is None:
-            rank, size = init_from_env()
-            try:
-                train_in_group(
-                    rank,
-                    size,
-                    config.resolved(),
-                    str(out),
-                    args.resume,
-                    args.stop_after,
-                    args.quiet,
-                )
-            finally:
-                dist.destroy_process_group()
-            return 0
-        if args.nproc is None or args.nproc < 1:
+            nproc, records = _run_under_torchrun(config, out, args)
+        elif args.nproc is None or args.nproc < 1:
             raise ValueError(
                 "--nproc N (a positive number of processes) is required outside torchrun"
             )
-        records = run_distributed(
-            config,
-            out,
-            args.nproc,
-            resume=args.resume,
-            stop_after=args.stop_after,
-            quiet=args.quiet,
-        )
+        else:
+            nproc = args.nproc
+            records = run_distributed(
+                config, out, nproc, resume=args.resume, stop_after=args.stop_after, quiet=args.quiet
+            )
     except (ValueError, FileNotFoundError) as err:
         print(f"flatmin train: error: {err}", file=sys.stderr)
         return 2
     if records:
         last = records[-1]
         print(
-            f"{config.method} on {args.nproc} processes: test accuracy {last['test_acc']:.4f} "
+            f"{config.method} on {nproc} processes: test accuracy {last['test_acc']:.4f} "
             f"after epoch {last['epoch']}/{config.epochs}; run files in {out}"
         )
     return 0
+
+
+def _run_under_torchrun(
+    config: TrainConfig, out: Path, args: argparse.Namespace
+) -> tuple[int, list[dict[str, Any]]]:
+    """This process's share under torchrun; the records on rank 0 (none elsewhere)."""
+    rank, nproc = init_from_env()
+    try:
+        train_in_group(
+            rank, nproc, config.resolved(), str(out), args.resume, args.stop_after, args.quiet
+        )
+    finally:
+        dist.destroy_process_group()
+    return nproc, ckpt.read_metrics(Path(out) / ckpt.METRICS_NAME) if rank == 0 else []
 
 
 def _echo(line: str) -> None:
