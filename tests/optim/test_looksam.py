@@ -153,9 +153,7 @@ def test_loading_a_state_of_another_model_changes_nothing():
     train(model, opt, batches(3))
     other = nn.Linear(6, 4)
     other_opt = LookSAM(other.parameters(), torch.optim.SGD, k=2, lr=0.05, momentum=0.9)
-    train_other = [(torch.randn(3, 6), None)]
-    for x, _ in train_other:
-        other_opt.step(lambda x=x: (loss := other(x).square().mean()).backward() or loss)
+    other_opt.step(lambda: (loss := other(torch.randn(3, 6)).square().mean()).backward() or loss)
     saved = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match="same model and param groups"):
         opt.load_state_dict(other_opt.state_dict())
@@ -171,3 +169,57 @@ class TestBadInput:
     def test_negative_alpha(self):
         with pytest.raises(ValueError, match="alpha must be a number >= 0"):
             LookSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, alpha=-0.5, lr=0.1)
+
+
+def looksam_amp_step(model, opt, scaler, x, y, poison_second=False):
+    """One LookSAM step with a GradScaler, written out; returns whether it had two passes."""
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    two_passes = opt.is_perturbed
+    if two_passes:
+        loss = nn.functional.cross_entropy(model(x), y) * (float("inf") if poison_second else 1.0)
+        scaler.scale(loss).backward()
+        opt.second_step(zero_grad=True, grad_scaler=scaler)
+    scaler.update()
+    return two_passes
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_grad_scaler_steps_match_unscaled_steps():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+    plain, scaled = small_model(), small_model()
+    opt_plain = LookSAM(plain.parameters(), torch.optim.SGD, k=2, lr=0.1, momentum=0.9)
+    opt_scaled = LookSAM(scaled.parameters(), torch.optim.SGD, k=2, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for _ in range(4):
+        train(plain, opt_plain, [(x, y)])
+        looksam_amp_step(scaled, opt_scaled, scaler, x, y)
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_full_step_is_skipped_and_keeps_the_previous_g_v():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+    model = small_model()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, k=2, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    assert looksam_amp_step(model, opt, scaler, x, y)  # full step: g_v from here
+    assert not looksam_amp_step(model, opt, scaler, x, y)  # reuse step
+    kept = [t.clone() for t in opt.state_dict()["method"]["g_v"]]
+    weights = snapshot(model)
+    assert looksam_amp_step(model, opt, scaler, x, y, poison_second=True)
+    assert same_tensors(snapshot(model).values(), weights.values())  # the scaler skipped it
+    assert same_tensors(opt.state_dict()["method"]["g_v"], kept)
+    assert not looksam_amp_step(model, opt, scaler, x, y)  # reuse step with the kept g_v
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def same_tensors(a, b):
+    return all(torch.equal(s, t) for s, t in zip(a, b, strict=True))
