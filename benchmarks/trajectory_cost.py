@@ -55,6 +55,8 @@ def make_step(method: str, args: argparse.Namespace, num_samples: int) -> tuple[
     """A closure running one training step of ``method`` on a batch, and its extras."""
     torch.manual_seed(args.seed)
     model = small_cnn(args.width)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     extras: dict = {"model": model}
 
@@ -94,6 +96,29 @@ def make_step(method: str, args: argparse.Namespace, num_samples: int) -> tuple[
             opt.step()
             mesa.update()
 
+    elif method == "MESA teacher forward":
+        mesa = MESA(model, start_epoch=0)
+
+        def step(x: Tensor, y: Tensor, idx: Tensor) -> None:
+            with torch.no_grad():
+                mesa.teacher(x)
+
+    elif method == "MESA EMA update":
+        mesa = MESA(model, start_epoch=0)
+
+        def step(x: Tensor, y: Tensor, idx: Tensor) -> None:
+            mesa.update()
+
+    elif method == "SAF term (forward + backward)":
+        saf = SAF(num_samples, 10, lag_epochs=1, start_epoch=0)
+        extras["saf"] = saf
+        for idx in torch.arange(num_samples).split(args.batch):
+            saf(torch.randn(len(idx), 10), idx)
+        logits = torch.randn(args.batch, 10, requires_grad=True)
+
+        def step(x: Tensor, y: Tensor, idx: Tensor) -> None:
+            saf(logits[: len(idx)], idx).backward()
+
     else:
         raise ValueError(f"unknown method {method!r}")
     return step, extras
@@ -122,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lag-epochs", type=int, default=3)
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--channels-last", action="store_true", help="model and inputs in channels_last"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be at least 5")
@@ -136,26 +164,31 @@ def main(argv: list[str] | None = None) -> None:
     num_samples = args.steps * args.batch
     generator = torch.Generator().manual_seed(args.seed)
     inputs = torch.randn(num_samples, 3, 32, 32, generator=generator)
+    if args.channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 10, (num_samples,), generator=generator)
 
     methods = ["SGD", "SGD+SAF", "SGD+MESA"]
+    components = ["MESA teacher forward", "MESA EMA update", "SAF term (forward + backward)"]
     steps, extras = {}, {}
-    for method in methods:
+    for method in methods + components:
         steps[method], extras[method] = make_step(method, args, num_samples)
         for idx in torch.arange(args.warmup_steps * args.batch).split(args.batch):
             steps[method](inputs[idx], targets[idx], idx)
 
-    wall: dict[str, list[float]] = {m: [] for m in methods}
+    wall: dict[str, list[float]] = {m: [] for m in methods + components}
     saf = extras["SGD+SAF"]["saf"]
     for round_ in range(args.repeats):
         saf.set_epoch(args.lag_epochs + round_)
-        for method in methods:
+        extras["SAF term (forward + backward)"]["saf"].set_epoch(1 + round_)
+        for method in methods + components:
             seconds = run_block(steps[method], inputs, targets, args.batch, args.seed + round_)
             wall[method].append(seconds)
 
+    layout = "channels_last" if args.channels_last else "contiguous (NCHW)"
     print(
-        f"\nsmall CNN (3 conv-BN-ReLU blocks, width {args.width}), batch {args.batch}, "
-        f"{args.steps} steps per block, {args.repeats} interleaved rounds\n"
+        f"\nsmall CNN (3 conv-BN-ReLU blocks, width {args.width}, {layout}), batch "
+        f"{args.batch}, {args.steps} steps per block, {args.repeats} interleaved rounds\n"
     )
     print(
         "| method | images/s (median) | min–max | vs SGD: ratio of medians "
@@ -173,9 +206,26 @@ def main(argv: list[str] | None = None) -> None:
             f"| {method} | {statistics.median(rates):,.1f} | {min(rates):,.1f}–{max(rates):,.1f} "
             f"| {100 * ratio:.1f} % | {100 * paired:.1f} % | {100 * best_ratio:.1f} % |"
         )
+
+    def per_step_ms(name: str, pick: Callable) -> float:
+        return 1000 * pick(wall[name]) / args.steps
+
+    print("\nwhere the time goes, per step (ms), timed in the same rounds\n")
+    print("| part | median | best |")
+    print("|---|---|---|")
+    for name in ["SGD", *components]:
+        label = "SGD step (forward + backward + update)" if name == "SGD" else name
+        med, best = per_step_ms(name, statistics.median), per_step_ms(name, min)
+        print(f"| {label} | {med:.2f} | {best:.2f} |")
+    sgd, teacher, ema, term = (per_step_ms(name, min) for name in ["SGD", *components])
+    print(
+        f"\nfrom the best blocks: SAF ≈ {100 * sgd / (sgd + term):.1f} % of SGD, "
+        f"MESA ≈ {100 * sgd / (sgd + teacher + ema):.1f} % of SGD "
+        "(SGD step / (SGD step + the method's extra parts))"
+    )
     print("\nper-block wall seconds, in run order:")
-    for method in methods:
-        print(f"  {method:9s} " + " ".join(f"{s:.3f}" for s in wall[method]))
+    for method in methods + components:
+        print(f"  {method:30s} " + " ".join(f"{s:.3f}" for s in wall[method]))
 
     mesa = extras["SGD+MESA"]["mesa"]
     lag = args.lag_epochs

@@ -44,20 +44,21 @@ class SAF:
     recorded in every epoch, so targets exist as soon as the term starts.
 
     **Which rows count.** Each sample is compared and recorded at most once per epoch, at
-    its first visit, and its target is used only if it was written exactly ``lag_epochs``
-    epochs before the current epoch. First visits, samples not seen in that epoch (skipped
-    epochs, subsampling) and repeated visits within one epoch (a sampler that repeats
-    indices, in the same batch or another one) have no valid target and are left out: the
-    KL is the mean over valid rows only, and an exact zero (attached to the graph) when no
-    row is valid. Rows that are not finite in the store dtype are never recorded (a warning
-    gives the count).
+    its first visit in that epoch, and its target is used only if it was written exactly
+    ``lag_epochs`` epochs before the current epoch. So a sample has no valid target in its
+    first ``lag_epochs`` epochs, after an epoch in which it was not seen (skipped epochs,
+    subsampling), and on a repeated visit within one epoch (a sampler that repeats
+    indices, in the same batch or another one); such rows are left out: the KL is the
+    mean over valid rows only, and an exact zero (attached to the graph) when no row is
+    valid. Rows that are not finite in the store dtype are never recorded (a warning gives
+    the count).
 
     **Several passes over one batch (SAM, ESAM, …).** A call whose ``indices`` equal those
     of the previous recording call within the same epoch is another pass over the same
-    batch: it is compared with the targets the first call read and records nothing. So a SAM closure
-    can call ``saf(logits, idx)`` unchanged in both passes; the store holds the first
-    pass's logits (those at ``w``, not at ``w + ε``). ``record=False`` reads without
-    writing in any other situation.
+    batch: it is compared with the targets the first call read and records nothing. So a
+    SAM closure can call ``saf(logits, idx)`` unchanged in both passes; the store holds
+    the first pass's logits (those at ``w``, not at ``w + ε``). ``record=False`` reads
+    without writing in any other situation.
 
     **Memory.** ``lag_epochs`` slots per sample and class (each slot is read before it is
     overwritten; the official code keeps ``Ẽ + 1`` float32 slots) in ``store_dtype``, plus
@@ -67,8 +68,9 @@ class SAF:
 
     ImageNet-1k (N = 1,281,167, C = 1000), float16: Ẽ = 3 → 7,687,002,000 + 15,374,004
     bytes ≈ 7,346 MiB; Ẽ = 2 (the official ImageNet script's lag) → 4,897 MiB. The paper
-    reports 14,643 MB for its ResNet-50 run, i.e. 3 float32 slots (1,281,167·1000·3·4 bytes
-    = 14,662 MiB): the same lag costs a third of that here. CIFAR-10 (N = 50,000, C = 10),
+    reports 14,643 MB for its ResNet-50 run: the official code's Ẽ + 1 = 3 float32 slots
+    at Ẽ = 2 (1,281,167·1000·3·4 bytes = 14,662 MiB); the same lag costs a third of that
+    here. CIFAR-10 (N = 50,000, C = 10),
     Ẽ = 3, float16: 3.6 MB.
 
     Args:
