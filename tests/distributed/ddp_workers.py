@@ -108,8 +108,32 @@ def sam_step_run(rank: int, world_size: int, out_dir: str) -> None:
     torch.save(results, Path(out_dir) / f"sam_step_{rank}.pt")
 
 
+def nonfinite_run(rank: int, world_size: int, out_dir: str) -> None:
+    """skip_nonfinite with per-process ε: rank 1's second batch has a non-finite input."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    ddp = DDP(model)
+    opt = SAM(ddp.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, skip_nonfinite=True)
+    xs, ys = make_data()
+    weights = []
+    for step in range(2):
+        x, y = shard(xs[step], rank, world_size).clone(), shard(ys[step], rank, world_size)
+        if step == 1 and rank == 1:
+            x[0, 0] = float("inf")
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(ddp(x), y)
+            loss.backward()
+            return loss
+
+        sam_step(opt, ddp, closure)
+        weights.append(model.weight.detach().clone())
+    torch.save(weights, Path(out_dir) / f"sam_nonfinite_{rank}.pt")
+
+
 def all_sam_runs(rank: int, world_size: int, out_dir: str) -> None:
     """Every SAM scenario in one group, so the test module spawns processes once."""
+    nonfinite_run(rank, world_size, out_dir)
     sam_run(rank, world_size, out_dir, "local", False)
     sam_run(rank, world_size, out_dir, "global", False)
     sam_run(rank, world_size, out_dir, "global", True)
