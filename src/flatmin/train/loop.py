@@ -350,20 +350,21 @@ class Trainer:
                     record["sharpness"] = self._sharpness(model, sharpness_batch)
                 record["wall_time"] = wall_offset + time.perf_counter() - started
                 records.append(record)
-                ckpt.save_checkpoint(
-                    self.checkpoint_path,
-                    {
-                        "model": model.state_dict(),
-                        "config": config_dict,
-                        "optimizer": method.optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "method_state": method.state_dict(),
-                        "rng": ckpt.rng_state(train_loader.generator),
-                        "epoch": epoch + 1,
-                        "metrics": records,
-                    },
-                )
-                ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
+                with ckpt.interrupts_deferred():
+                    ckpt.save_checkpoint(
+                        self.checkpoint_path,
+                        {
+                            "model": model.state_dict(),
+                            "config": config_dict,
+                            "optimizer": method.optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "method_state": method.state_dict(),
+                            "rng": ckpt.rng_state(train_loader.generator),
+                            "epoch": epoch + 1,
+                            "metrics": records,
+                        },
+                    )
+                    ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
                 epochs.set_postfix(test_acc=f"{record['test_acc']:.4f}")
                 if self.log is not None:
                     self.log(_summary(record, config.epochs))
@@ -402,7 +403,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.int64)
         seen = 0
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         with tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=disable,
                   file=sys.stderr) as batches:  # fmt: skip
             for step, (x, y, index) in enumerate(batches):
@@ -414,12 +415,15 @@ class Trainer:
                 for callback in self.step_callbacks:
                     callback(epoch, step)
         elapsed = time.perf_counter() - started
+        cpu_elapsed = time.process_time() - cpu_started
         return {
             "epoch": epoch + 1,
             "train_loss": float(loss_sum) / seen,
             "train_acc": int(correct) / seen,
             "lr": lr,
             "images_per_s": seen / elapsed,
+            # CPU seconds of this process: unlike wall time, barely moved by other load.
+            "images_per_cpu_s": seen / cpu_elapsed if cpu_elapsed > 0 else math.inf,
         }
 
     def _sharpness_batch(self, dataset: Any) -> tuple[Tensor, Tensor]:

@@ -138,27 +138,31 @@ class SinglePassUpdate:
 
 
 class TwoPassUpdate:
-    """The SAM family's step (Foret et al., ICLR 2021).
+    """The SAM family's step (Foret et al., ICLR 2021), driven by ``optimizer.step(closure)``.
 
-    First pass at ``w``: ``g = ∇L(w)``, then ``first_step`` moves to ``w + ε``. Second pass
-    at ``w + ε`` with BatchNorm running statistics frozen (they move once per step, from
-    the first pass), then ``second_step`` restores ``w`` and applies the base optimizer
-    with the surrogate gradient.
+    First pass at ``w``: ``g = ∇L(w)``; the optimizer moves to ``w + ε``; second pass at
+    ``w + ε`` with BatchNorm running statistics frozen (they move once per step, from the
+    first pass, via ``model=``); the optimizer restores ``w`` and applies the base
+    optimizer with the surrogate gradient. Going through ``step(closure)`` lets each
+    family member decide how many passes a step takes (LookSAM's reuse steps take one)
+    and restores the weights if the second pass raises (Ctrl-C included). The loss terms
+    see ``first_pass=False`` on later passes, so SAF records the batch once.
     """
 
     def step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, compute: ComputePass
     ) -> PassOutput:
-        from flatmin.optim.bn import running_stats_frozen
+        passes: list[PassOutput] = []
+
+        def closure() -> Tensor:
+            out = compute(not passes)
+            out.objective.backward()
+            passes.append(out)
+            return out.objective
 
         optimizer.zero_grad(set_to_none=True)
-        out = compute(True)
-        out.objective.backward()
-        optimizer.first_step(zero_grad=True)  # type: ignore[attr-defined]
-        with running_stats_frozen(model):
-            compute(False).objective.backward()
-        optimizer.second_step(zero_grad=True)  # type: ignore[attr-defined]
-        return out
+        optimizer.step(closure, model=model)  # type: ignore[call-arg]
+        return passes[0]
 
     def extra_memory_bytes(self, model: nn.Module) -> int:
         """The copy of ``w`` kept between the passes (trainable parameters only)."""
