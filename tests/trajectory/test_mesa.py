@@ -177,3 +177,25 @@ def test_resume_is_bit_exact(tmp_path):
     for name, value in teacher.items():
         assert torch.equal(value, teacher_resumed[name]), name
     assert mesa.num_updates == resumed[2].num_updates == 16
+
+
+def test_channels_last_teacher_keeps_values_and_gives_the_same_term():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
+    plain = MESA(model, start_epoch=0)
+    channels_last = MESA(model, start_epoch=0, teacher_memory_format=torch.channels_last)
+    assert channels_last.teacher[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model[0].weight.is_contiguous()  # the student is untouched
+    x = torch.randn(5, 3, 8, 8)
+    model(x)  # move the student's BN statistics
+    for mesa in (plain, channels_last):
+        mesa.update()
+        mesa.set_epoch(1)
+    for a, b in zip(
+        plain.teacher.state_dict().values(), channels_last.teacher.state_dict().values()
+    ):
+        assert torch.equal(a, b)
+    logits = model(x)
+    torch.testing.assert_close(channels_last(x, logits), plain(x, logits))
