@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
-from flatmin import MESA, SAF, SAM, StableSAM
+from flatmin import GSAM, MESA, SAF, SAM, LookSAM, StableSAM
 from flatmin.distributed import first_pass, reduce_metrics, sam_step
 from flatmin.distributed.checkpoint import load_on_every_rank, save_on_rank0
 from flatmin.distributed.collectives import max_replica_difference
@@ -131,9 +131,37 @@ def nonfinite_run(rank: int, world_size: int, out_dir: str) -> None:
     torch.save(weights, Path(out_dir) / f"sam_nonfinite_{rank}.pt")
 
 
+FAMILY_GLOBAL = {
+    "gsam": lambda params: GSAM(params, torch.optim.SGD, rho=0.05, alpha=0.4, lr=0.1),
+    "looksam": lambda params: LookSAM(params, torch.optim.SGD, rho=0.05, k=2, lr=0.1),
+}
+
+
+def family_global_run(rank: int, world_size: int, out_dir: str) -> None:
+    """GSAM and LookSAM (reuse steps included) with the averaged gradient on DDP."""
+    xs, ys = make_data(steps=4)
+    states = {}
+    for name, make in FAMILY_GLOBAL.items():
+        model = make_model()
+        ddp = DDP(model)
+        opt = make(ddp.parameters())
+        for step in range(4):
+            x, y = shard(xs[step], rank, world_size), shard(ys[step], rank, world_size)
+
+            def closure(x=x, y=y, ddp=ddp):
+                loss = F.cross_entropy(ddp(x), y)
+                loss.backward()
+                return loss
+
+            sam_step(opt, ddp, closure, perturbation="global")
+        states[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(states, Path(out_dir) / f"sam_family_global_{rank}.pt")
+
+
 def all_sam_runs(rank: int, world_size: int, out_dir: str) -> None:
     """Every SAM scenario in one group, so the test module spawns processes once."""
     nonfinite_run(rank, world_size, out_dir)
+    family_global_run(rank, world_size, out_dir)
     sam_run(rank, world_size, out_dir, "local", False)
     sam_run(rank, world_size, out_dir, "global", False)
     sam_run(rank, world_size, out_dir, "global", True)

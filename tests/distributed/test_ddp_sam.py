@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flatmin import SAM, StableSAM
+from flatmin import ESAM, GSAM, SAM, LookSAM, StableSAM
 from flatmin.distributed import first_pass, m_sharpness_step, sam_step
 from tests.distributed.ddp_workers import (
     GLOBAL_BATCH,
@@ -34,6 +34,7 @@ def runs(ddp_results):
         "global_stable": load("sam_global_1"),
         "sam_step": load("sam_step"),
         "nonfinite": load("sam_nonfinite"),
+        "family_global": load("sam_family_global"),
     }
 
 
@@ -134,10 +135,18 @@ def test_reduce_metrics_averages_and_sums_across_processes(runs):
     assert rank0["metrics_sum"] == {"rank": 1.0}
 
 
+UNSAFE_PER_PROCESS = {
+    "stablesam": lambda params: StableSAM(params, torch.optim.SGD, rho=0.05, lr=0.1),
+    "gsam": lambda params: GSAM(params, torch.optim.SGD, rho=0.05, lr=0.1),
+    "looksam": lambda params: LookSAM(params, torch.optim.SGD, rho=0.05, lr=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNSAFE_PER_PROCESS))
 @pytest.mark.parametrize("run_step", ["sam_step", "m_sharpness"])
-def test_per_process_epsilon_refuses_stable_sam_and_changes_nothing(run_step):
+def test_per_process_epsilon_refuses_updates_that_use_g_and_changes_nothing(name, run_step):
     model = make_model()
-    opt = StableSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    opt = UNSAFE_PER_PROCESS[name](model.parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     xs, ys = make_data()
     with pytest.raises(ValueError, match="perturbation='global'"):
@@ -147,6 +156,40 @@ def test_per_process_epsilon_refuses_stable_sam_and_changes_nothing(run_step):
             m_sharpness_step(opt, model, F.cross_entropy, xs[0], ys[0], m=4)
     assert_states(model.state_dict(), before, exact=True)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_esam_is_accepted_with_per_process_epsilon():
+    model = make_model()
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    xs, ys = make_data()
+    sam_step(opt, model, lambda: F.cross_entropy(model(xs[0]), ys[0]).backward())
+    assert opt.steps_done == 1
+
+
+def test_gsam_and_looksam_with_the_averaged_gradient_stay_identical(runs):
+    rank0, rank1 = runs["family_global"]
+    for name in rank0:
+        assert_states(rank0[name], rank1[name], exact=True)
+
+
+def test_sam_step_runs_looksam_reuse_steps_with_one_pass():
+    xs, ys = make_data(steps=5)
+    models = [make_model(), make_model()]
+    opts = [LookSAM(m.parameters(), torch.optim.SGD, rho=0.05, k=2, lr=0.1) for m in models]
+    passes = []
+    for step in range(5):
+
+        def closure(model, step=step):
+            passes.append(step)
+            loss = F.cross_entropy(model(xs[step]), ys[step])
+            loss.backward()
+            return loss
+
+        opts[0].zero_grad()
+        opts[0].step(lambda: closure(models[0]), model=models[0])
+        sam_step(opts[1], models[1], lambda: closure(models[1]), perturbation="global")
+    assert_states(models[0].state_dict(), models[1].state_dict(), exact=True)
+    assert len(passes) == 2 * (2 + 1 + 2 + 1 + 2)  # k = 2: steps 1 and 3 reuse, one pass each
 
 
 def test_sam_step_on_one_process_is_sam_step_bit_for_bit():

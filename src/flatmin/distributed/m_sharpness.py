@@ -33,17 +33,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatmin.distributed.collectives import norm_statistics
-from flatmin.distributed.sam import check_rank_independent_update
+from flatmin.distributed.sam import check_rank_independent_update, check_two_pass
 from flatmin.optim.bn import running_stats_frozen
 
 
 def _check(optimizer: Optimizer, inputs: Any, targets: Any, m: Any) -> int:
-    for name in ("first_step", "second_step", "restore_weights"):
-        if not callable(getattr(optimizer, name, None)):
-            raise TypeError(
-                f"expected a two-pass optimizer of the SAM family with {name}(), got "
-                f"{type(optimizer).__name__}"
-            )
+    check_two_pass(optimizer)
     if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
         raise TypeError("expected inputs and targets as tensors batched along dimension 0")
     batch = inputs.shape[0] if inputs.dim() else 0
@@ -71,8 +66,9 @@ def m_sharpness_step(
     """One SAM-family step with a separate ε for each sub-batch of ``m`` samples.
 
     Args:
-        optimizer: SAM, ASAM or USAM (an update that uses the first-pass gradient, like
-            StableSAM's, has no single-ε meaning here and is refused).
+        optimizer: SAM, ASAM, USAM or ESAM (an update that uses the first-pass gradient,
+            as StableSAM's, GSAM's and LookSAM's do, has no per-sub-batch form here and
+            is refused; see :func:`~flatmin.distributed.sam.check_rank_independent_update`).
         model: the model, in training mode.
         loss_fn: ``loss_fn(model(x), y)`` returns the mean loss of a sub-batch.
         inputs, targets: the batch, split along dimension 0 into ``B/m`` sub-batches.

@@ -43,10 +43,13 @@ the result equals one process running the m-sharpness step with the same sub-bat
 
 **Which optimizers.** With per-process ε the update must not depend on the first-pass
 gradient, which differs between processes after the second pass has averaged ``g_s``:
-SAM, ASAM (both forms) and USAM qualify. StableSAM's ``γ = ‖g‖/‖g_s‖`` (and GSAM's
-projection, LookSAM's reused direction) would combine a local ``g`` with the averaged
-``g_s`` and let the weights of the processes drift apart; they are refused in local
-mode and run correctly with ``perturbation="global"``.
+SAM, ASAM (both forms), USAM and ESAM qualify. StableSAM's ``γ = ‖g‖/‖g_s‖``, GSAM's
+projection and LookSAM's reuse steps would combine a local ``g`` with averaged
+quantities and let the weights of the processes drift apart; they are refused in local
+mode (:func:`check_rank_independent_update`) and run correctly with
+``perturbation="global"``. A per-process form of them would need the SAM engine to
+average the *final* direction, after its own transformation and before clipping and
+the base step.
 """
 
 from __future__ import annotations
@@ -124,19 +127,37 @@ def first_pass_local(
         yield model
 
 
-def check_rank_independent_update(optimizer: Optimizer) -> None:
-    """Raise a ValueError if ``optimizer``'s update uses the first-pass gradient ``g``.
+def _per_process_safe_types() -> tuple[type, ...]:
+    from flatmin.optim.esam import ESAM
+    from flatmin.optim.sam import ASAM, SAM
 
-    Under per-process ε that gradient differs between processes, so such an update would
-    differ too and the replicas would drift apart (see the module docstring).
+    return (SAM, ASAM, ESAM)
+
+
+def check_rank_independent_update(optimizer: Optimizer) -> None:
+    """Raise a ValueError unless ``optimizer``'s update is safe under per-process ε.
+
+    Safe: the update is the averaged surrogate gradient itself — SAM, ASAM (both forms),
+    USAM and ESAM without StableSAM's renormalization. Not safe: StableSAM
+    (``γ = ‖g‖/‖g_s‖``), GSAM (projection on ``g``) and LookSAM (reuse steps update with
+    ``g``), whose local first-pass gradient would make the processes' updates differ. A
+    subclass can declare itself safe with the class attribute
+    ``rank_independent_update = True`` (or unsafe with ``False``).
     """
-    if getattr(optimizer, "stable", False) or getattr(
-        optimizer, "update_uses_first_gradient", False
-    ):
+    declared = getattr(type(optimizer), "rank_independent_update", None)
+    safe = (
+        declared
+        if declared is not None
+        else (
+            type(optimizer) in _per_process_safe_types() and not getattr(optimizer, "stable", False)
+        )
+    )
+    if not safe:
         raise ValueError(
-            f"{type(optimizer).__name__} rescales or projects the final gradient with the "
-            "first-pass gradient, which differs between processes under per-process ε; "
-            "use perturbation='global' (every process perturbs with the averaged gradient)"
+            f"{type(optimizer).__name__} uses the first-pass gradient in its update (to "
+            "rescale, project or reuse it), and that gradient differs between processes "
+            "under per-process ε; use perturbation='global' (every process perturbs with "
+            "the averaged gradient)"
         )
 
 
@@ -155,6 +176,20 @@ def agree_on_nonfinite_gradients(parameters: Iterable[Tensor], group: ProcessGro
     grads[0].mul_(torch.where(flag > 0, 1.0, float("nan")).to(grads[0].dtype))
 
 
+def check_two_pass(optimizer: Optimizer) -> None:
+    """Raise a TypeError unless ``optimizer`` has the SAM family's two-pass interface."""
+    missing = [
+        name
+        for name in ("first_step", "second_step", "restore_weights")
+        if not callable(getattr(optimizer, name, None))
+    ]
+    if missing or not hasattr(optimizer, "is_perturbed"):
+        raise TypeError(
+            "expected a two-pass optimizer of the SAM family (first_step(), second_step(), "
+            f"restore_weights(), is_perturbed), got {type(optimizer).__name__}"
+        )
+
+
 def sam_step(
     optimizer: Optimizer,
     model: nn.Module,
@@ -168,16 +203,12 @@ def sam_step(
 
     ``closure`` runs forward and backward on this process's shard and returns the loss;
     it is called at ``w`` inside :func:`first_pass` and at ``w + ε`` with the running
-    statistics frozen. Returns the first-pass loss of this process. If the second call
+    statistics frozen (only once on a step that ``first_step`` completes by itself, as
+    LookSAM's reuse steps). Returns the first-pass loss of this process. If the second call
     raises, the weights are restored before the exception propagates.
     """
     _check_options(perturbation, statistics)
-    for name in ("first_step", "second_step", "restore_weights"):
-        if not callable(getattr(optimizer, name, None)):
-            raise TypeError(
-                f"expected a two-pass optimizer of the SAM family with {name}(), got "
-                f"{type(optimizer).__name__}"
-            )
+    check_two_pass(optimizer)
     if perturbation == "local":
         check_rank_independent_update(optimizer)
     group = _group_of(model, process_group)
@@ -186,6 +217,8 @@ def sam_step(
     if perturbation == "local" and getattr(optimizer, "skip_nonfinite", False):
         agree_on_nonfinite_gradients(model.parameters(), group)
     optimizer.first_step(zero_grad=True)
+    if not optimizer.is_perturbed:  # a one-pass step (LookSAM's reuse steps) is complete
+        return loss
     try:
         with torch.enable_grad(), running_stats_frozen(model):
             closure()
@@ -209,6 +242,7 @@ __all__ = [
     "Perturbation",
     "agree_on_nonfinite_gradients",
     "check_rank_independent_update",
+    "check_two_pass",
     "first_pass",
     "first_pass_local",
     "sam_step",
