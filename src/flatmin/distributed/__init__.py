@@ -4,28 +4,53 @@
   SAM paper's m-sharpness) or, as an option, the globally averaged gradient.
 * :mod:`~flatmin.distributed.m_sharpness` — the same m-sharpness step on one process.
 * :mod:`~flatmin.distributed.saf` — SAF with a store replicated on every process.
+* :mod:`~flatmin.distributed.mesa` — MESA with a teacher identical on every process.
 * :mod:`~flatmin.distributed.collectives` — gradient and statistics averaging, metric
   reduction, replica checks; :mod:`~flatmin.distributed.checkpoint` — rank-0 checkpoints.
-* :mod:`~flatmin.distributed.launch` — N local gloo processes (tests, ``--nproc``).
+* :mod:`~flatmin.distributed.launch` — N local gloo processes; :mod:`~flatmin.distributed.train`
+  — the reference trainer on N processes (``python -m flatmin.distributed.train --nproc N``).
+
+A loop of your own, on each process (``torchrun --nproc-per-node N script.py``)::
+
+    init_from_env()
+    ddp = DistributedDataParallel(model)
+    opt = SAM(ddp.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for x, y in loader:                                  # a DistributedSampler's shard
+        def closure():
+            loss = F.cross_entropy(ddp(x), y)
+            loss.backward()
+            return loss
+        loss = sam_step(opt, ddp, closure)               # per-process ε, averaged g_s
+        log(reduce_metrics({"loss": loss}))              # the same numbers on every rank
 """
 
+from flatmin.distributed.checkpoint import load_on_every_rank, save_on_rank0
 from flatmin.distributed.collectives import (
     average_gradients,
     max_replica_difference,
     reduce_metrics,
     sync_norm_statistics,
 )
+from flatmin.distributed.launch import init_from_env, spawn
 from flatmin.distributed.m_sharpness import m_sharpness_step
+from flatmin.distributed.mesa import DistributedMESA
+from flatmin.distributed.saf import DistributedSAF
 from flatmin.distributed.sam import first_pass, first_pass_local, sam_step, unwrap
 
 __all__ = [
+    "DistributedMESA",
+    "DistributedSAF",
     "average_gradients",
     "first_pass",
     "first_pass_local",
+    "init_from_env",
+    "load_on_every_rank",
     "m_sharpness_step",
     "max_replica_difference",
     "reduce_metrics",
     "sam_step",
+    "save_on_rank0",
+    "spawn",
     "sync_norm_statistics",
     "unwrap",
 ]
