@@ -49,8 +49,9 @@ def test_help_shows_each_methods_default(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "sam 0.05" in text and "asam 0.5" in text  # --rho
-    assert "saf 0.3" in text and "mesa 0.8" in text  # --lam
+    assert "ρ of the perturbation (default: 0.05; asam 0.5)" in text  # --rho
+    assert "KL term (default: 0.3; mesa 0.8)" in text  # --lam
+    assert "peak learning rate (default: 0.1; adamw 0.001)" in text
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,7 @@ class MethodResult:
     records: list[list[dict[str, Any]]] = field(default_factory=list)
     extra_memory_bytes: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
     def final(self, key: str) -> list[float]:
         return [runs[-1][key] for runs in self.records]
@@ -120,16 +121,16 @@ class _Job:
     progress: bool | None
 
 
-def _train(job: _Job) -> tuple[list[dict[str, Any]], int, float]:
-    """One run: its records, the method's extra memory and the seconds it took."""
+def _train(job: _Job) -> tuple[list[dict[str, Any]], int, float, float]:
+    """One run: its records, the method's extra memory, its wall and CPU seconds."""
     if job.run_dir.exists():
         shutil.rmtree(job.run_dir)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     config = job.preset.config(job.method, job.seed, job.epochs)
     trainer = Trainer(config, job.run_dir, progress=job.progress)
     records = trainer.run()
     extra = trainer.method.extra_memory_bytes(trainer.model)
-    return records, extra, time.perf_counter() - started
+    return records, extra, time.perf_counter() - started, time.process_time() - cpu_started
 
 
 def _worker_init() -> None:
@@ -185,8 +186,8 @@ def run_demo(
         for seed in range(preset.seeds if seeds is None else seeds)
     ]  # fmt: skip
     outcomes = {}
-    for job, (records, extra, elapsed) in _run_jobs(jobs, processes):
-        outcomes[job.method, job.seed] = (records, extra, elapsed)
+    for job, (records, extra, elapsed, cpu) in _run_jobs(jobs, processes):
+        outcomes[job.method, job.seed] = (records, extra, elapsed, cpu)
         if log is not None:
             log(
                 f"{job.method:>5} seed {job.seed}: test accuracy "
@@ -194,11 +195,12 @@ def run_demo(
             )
     results = {method: MethodResult(method) for method in preset.methods}
     for job in jobs:  # in the preset's order, whatever order the runs finished in
-        records, extra, elapsed = outcomes[job.method, job.seed]
+        records, extra, elapsed, cpu = outcomes[job.method, job.seed]
         result = results[job.method]
         result.records.append(records)
         result.extra_memory_bytes = extra
         result.seconds += elapsed
+        result.cpu_seconds += cpu
     return list(results.values())
 
 
@@ -297,5 +299,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(text)
     print()
-    print(f"{elapsed:.0f} s in total; plot: {out / 'demo.png'}; table: {out / 'summary.md'}")
+    cpu = sum(r.cpu_seconds for r in results)
+    print(
+        f"{elapsed:.0f} s in total; the runs used {cpu:.0f} CPU-seconds (≈ {cpu / processes:.0f}"
+        f" s on {processes} idle core(s)); plot: {out / 'demo.png'}; table: {out / 'summary.md'}"
+    )
     return 0

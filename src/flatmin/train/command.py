@@ -68,6 +68,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     settings = parser.add_argument_group("run settings")
     for name, (kwargs, help_text) in _SETTINGS.items():
         default = getattr(_DEFAULTS, name)
+        if isinstance(default, tuple):
+            default = " ".join(map(str, default))
         shown = "" if default is None or "default:" in help_text else f" (default: {default})"
         settings.add_argument(
             "--" + name.replace("_", "-"), dest=name, default=None, help=help_text + shown, **kwargs
@@ -78,7 +80,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     for name, declared in all_hyperparameters().items():
         _, first = declared[0]
-        defaults = ", ".join(f"{method} {h.default}" for method, h in declared)
+        defaults = _describe_defaults([(method, h.default) for method, h in declared])
         kwargs: dict[str, Any] = (
             {"action": argparse.BooleanOptionalAction}
             if first.kind is bool
@@ -116,6 +118,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="progress bars (default: only on a terminal)",
     )
     control.add_argument("--quiet", action="store_true", help="no per-epoch summary lines")
+
+
+def _describe_defaults(pairs: list[tuple[str, Any]]) -> str:
+    """``0.1; adamw 0.001``: the most common default first, then each exception."""
+    values = [value for _, value in pairs]
+    common = max(values, key=values.count)
+    exceptions = [f"{method} {value}" for method, value in pairs if value != common]
+    if len(pairs) == 1:
+        return f"{pairs[0][0]} {common}"
+    return "; ".join([str(common), *exceptions])
 
 
 def _given(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:

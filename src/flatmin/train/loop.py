@@ -290,7 +290,7 @@ class Trainer:
         method = spec.create(
             model,
             config.hyperparameters,
-            MethodContext(num_samples=len(bundle.train), num_classes=bundle.num_classes),
+            MethodContext(len(bundle.train), bundle.num_classes, seed=config.seed),
         )
         train_loader = make_loader(
             WithIndex(bundle.train),
@@ -305,7 +305,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             method.optimizer, lr_factor(config, len(train_loader))
         )
-        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        criterion = nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing)
         sharpness_batch = self._sharpness_batch(bundle.train) if config.track_sharpness else None
 
         records: list[dict[str, Any]] = []

@@ -76,6 +76,7 @@ class MethodContext:
 
     num_samples: int
     num_classes: int
+    seed: int = 0  # for methods that draw random numbers of their own (ESAM)
 
 
 class StepOutput(NamedTuple):
@@ -86,12 +87,21 @@ class StepOutput(NamedTuple):
 
 
 class PassOutput(NamedTuple):
-    objective: Tensor  # what is differentiated: criterion + loss terms
-    loss: Tensor  # the criterion alone (cross-entropy), comparable across methods
+    """One forward pass: ``objective`` (criterion + loss terms, batch mean) is what is
+    differentiated; ``loss`` is the criterion's mean alone, comparable across methods;
+    ``per_sample`` is the objective per sample when the criterion gives per-sample losses
+    (else the batch mean again)."""
+
+    objective: Tensor
+    loss: Tensor
     logits: Tensor
+    per_sample: Tensor
 
 
-ComputePass = Callable[[bool], PassOutput]
+class ComputePass(Protocol):
+    """``compute(first_pass, rows=None)``: a forward pass over the batch, or its ``rows``."""
+
+    def __call__(self, first_pass: bool, rows: Tensor | None = None) -> PassOutput: ...
 
 
 class UpdateRule(Protocol):
@@ -195,15 +205,20 @@ class Method:
         index: Tensor,
         criterion: Callable[[Tensor, Tensor], Tensor],
     ) -> StepOutput:
-        """One optimizer step on the batch ``(x, y)`` whose dataset positions are ``index``."""
+        """One optimizer step on the batch ``(x, y)`` whose dataset positions are ``index``.
 
-        def compute(first_pass: bool) -> PassOutput:
-            logits = model(x)
-            loss = criterion(logits, y)
-            objective = loss
+        ``criterion(logits, y)`` returns per-sample losses (``reduction="none"``, which
+        ESAM's data selection needs) or their mean.
+        """
+
+        def compute(first_pass: bool, rows: Tensor | None = None) -> PassOutput:
+            xb, yb, ib = (x, y, index) if rows is None else (x[rows], y[rows], index[rows])
+            logits = model(xb)
+            per_sample = criterion(logits, yb)
+            objective = per_sample
             for term in self.terms.values():
-                objective = objective + term(x, logits, index, first_pass)
-            return PassOutput(objective, loss, logits)
+                objective = objective + term(xb, logits, ib, first_pass)
+            return PassOutput(objective.mean(), per_sample.mean(), logits, objective)
 
         out = self.update.step(model, self.optimizer, compute)
         for term in self.terms.values():
@@ -308,7 +323,12 @@ def all_hyperparameters(specs: Iterable[MethodSpec] | None = None) -> dict[str, 
 SGD_HYPERPARAMETERS = (
     Hyperparameter("lr", 0.1, "peak learning rate", minimum=0.0),
     Hyperparameter("momentum", 0.9, "SGD momentum", minimum=0.0, maximum=1.0),
-    Hyperparameter("weight_decay", 5e-4, "L2 weight decay (coupled, SGD form)", minimum=0.0),
+    Hyperparameter(
+        "weight_decay",
+        5e-4,
+        "weight decay (SGD: L2 in the gradient; AdamW: decoupled)",
+        minimum=0.0,
+    ),
     Hyperparameter("nesterov", False, "Nesterov momentum"),
 )
 
@@ -316,7 +336,12 @@ ADAMW_HYPERPARAMETERS = (
     Hyperparameter("lr", 1e-3, "peak learning rate", minimum=0.0),
     Hyperparameter("beta1", 0.9, "Adam β1", minimum=0.0, maximum=1.0),
     Hyperparameter("beta2", 0.999, "Adam β2", minimum=0.0, maximum=1.0),
-    Hyperparameter("weight_decay", 0.01, "decoupled weight decay (AdamW)", minimum=0.0),
+    Hyperparameter(
+        "weight_decay",
+        0.01,
+        "weight decay (SGD: L2 in the gradient; AdamW: decoupled)",
+        minimum=0.0,
+    ),
 )
 
 
@@ -422,6 +447,108 @@ register(
             Hyperparameter("stable_cap", False, "cap the renormalization factor at 1"),
         ),
         _sam_family(stable=True),
+    )
+)
+
+
+class PerSampleTwoPassUpdate(TwoPassUpdate):
+    """ESAM's step (Du et al., ICLR 2022): the closure returns per-sample objectives and
+    runs no backward, so the optimizer can pick the samples of the second pass."""
+
+    def step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, compute: ComputePass
+    ) -> PassOutput:
+        passes: list[PassOutput] = []
+
+        def closure(indices: Tensor | None = None) -> Tensor:
+            out = compute(not passes, indices)
+            passes.append(out)
+            return out.per_sample
+
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.step(closure, model=model)  # type: ignore[call-arg]
+        return passes[0]
+
+
+ALPHA_HELP = "α: GSAM's weight of −g_⊥; LookSAM's weight of the reused direction g_v"
+
+
+def _family_member(
+    class_path: str, options: tuple[str, ...], update: UpdateRule, *, seeded: bool = False
+) -> MethodFactory:
+    """A factory for a SAM-family optimizer class over SGD, given its option names;
+    ``seeded`` passes the run's seed (for methods with random draws of their own)."""
+
+    def build(model: nn.Module, hp: Mapping[str, Any], ctx: MethodContext) -> Method:
+        import importlib
+
+        module, name = class_path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        extra = {k: hp[k] for k in options}
+        if seeded:
+            extra["seed"] = ctx.seed
+        optimizer = cls(model.parameters(), torch.optim.SGD, **extra, **_sgd_kwargs(hp))
+        return Method(optimizer, update)
+
+    return build
+
+
+register(
+    MethodSpec(
+        "gsam",
+        "surrogate-gap guided SAM, d = g_s − α·g_⊥, ρ following the LR (Zhuang et al., ICLR 2022)",
+        (
+            *SGD_HYPERPARAMETERS,
+            Hyperparameter("rho", 0.05, RHO_HELP + " (GSAM: ρ_max)", minimum=0.0),
+            Hyperparameter("alpha", 0.4, ALPHA_HELP, minimum=0.0),
+            Hyperparameter("rho_min", 0.0, "GSAM's ρ_min, reached when the LR is 0", minimum=0.0),
+        ),
+        _family_member("flatmin.optim.gsam.GSAM", ("rho", "alpha", "rho_min"), TwoPassUpdate()),
+    )
+)
+register(
+    MethodSpec(
+        "looksam",
+        "SAM's second pass every k-th step, its direction reused in between (Liu et al., "
+        "CVPR 2022)",
+        (
+            *SGD_HYPERPARAMETERS,
+            Hyperparameter("rho", 0.05, RHO_HELP, minimum=0.0),
+            Hyperparameter("k", 5, "LookSAM: a full SAM step every k steps", minimum=1),
+            Hyperparameter("alpha", 0.7, ALPHA_HELP, minimum=0.0),
+        ),
+        _family_member("flatmin.optim.looksam.LookSAM", ("rho", "k", "alpha"), TwoPassUpdate()),
+    )
+)
+register(
+    MethodSpec(
+        "esam",
+        "efficient SAM: random weight subsets and sharpness-selected samples (Du et al., "
+        "ICLR 2022)",
+        (
+            *SGD_HYPERPARAMETERS,
+            Hyperparameter("rho", 0.05, RHO_HELP, minimum=0.0),
+            Hyperparameter(
+                "beta",
+                0.6,
+                "ESAM: probability a weight tensor is perturbed",
+                minimum=0.0,
+                maximum=1.0,
+            ),
+            Hyperparameter(
+                "gamma",
+                0.5,
+                "ESAM: fraction of the batch in the second pass",
+                minimum=0.0,
+                maximum=1.0,
+            ),
+        ),
+        _family_member(
+            "flatmin.optim.esam.ESAM",
+            ("rho", "beta", "gamma"),
+            PerSampleTwoPassUpdate(),
+            seeded=True,
+        ),
     )
 )
 
