@@ -1,3 +1,5 @@
+import pytest
+
 from flatmin.bench.command import MODES, PRESETS
 from flatmin.cli import main
 
@@ -20,3 +22,12 @@ def test_positional_and_flag_forms_reach_the_same_preset(tmp_path, capsys):
     for form in (["demo"], ["--preset", "demo"]):
         assert main(["bench", *form, "--seeds", "0", "--out", str(tmp_path)]) == 2
         assert "--seeds and --epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_help_lists_every_benchmark(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "demo: SGD, SAM, SAF and MESA on MNIST-1D with 40 % label noise" in text
+    for name in MODES:
+        assert f"{name}:" in text

@@ -30,7 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "benchmark",
         nargs="?",
         choices=sorted(entries),
-        help="; ".join(f"{n}: {_load(m).DESCRIPTION}" for n, m in entries.items()),
+        help="; ".join(f"{n}: {_load(m).DESCRIPTION}" for n, m in entries.items()).replace(
+            "%",
+            "%%",  # argparse formats help strings with %
+        ),
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the same, for presets")
     parser.add_argument("--mode", choices=sorted(MODES), help="the same, for modes")

@@ -42,7 +42,9 @@ import torch
 
 from flatmin.train.loop import TrainConfig, Trainer
 
-DESCRIPTION = "SGD, SAM, SAF and MESA on MNIST-1D with 40 % label noise, 3 seeds (~2 min, 2 cores)"
+DESCRIPTION = (
+    "SGD, SAM, SAF and MESA on MNIST-1D with 40 % label noise, 3 seeds (~1–2 min, 2 cores)"
+)
 
 
 @dataclass(frozen=True)
