@@ -205,8 +205,22 @@ def saf_lookup_run(rank: int, world_size: int, out_dir: str) -> None:
     shared.set_epoch(SAF_EPOCHS)
     uneven = torch.arange(3) if rank == 0 else torch.arange(3, 5)
     uneven_result = shared.exchange(synthetic_logits(uneven, SAF_EPOCHS), uneven)
+    # Processes at different epochs: refused on every process, before anything is written.
+    shared.set_epoch(SAF_EPOCHS + rank + 1)
+    written = shared.state_dict()["store"]["written_epoch"].clone()
+    try:
+        shared.exchange(synthetic_logits(uneven, 0), uneven)
+        epoch_error = None
+    except ValueError as error:
+        epoch_error = str(error)
+    unchanged = torch.equal(written, shared.state_dict()["store"]["written_epoch"])
     torch.save(
-        {"lookups": lookups, "store": shared.state_dict(), "uneven": uneven_result},
+        {
+            "lookups": lookups,
+            "store": shared.state_dict(),
+            "uneven": uneven_result,
+            "epoch_error": (epoch_error, unchanged),
+        },
         Path(out_dir) / f"saf_lookup_{rank}.pt",
     )
 

@@ -84,6 +84,13 @@ def test_batches_of_different_sizes_are_all_recorded(runs):
     assert targets.shape == (2, 3) and valid.shape == (2,)
 
 
+def test_processes_at_different_epochs_are_refused_on_every_process(runs):
+    for run in runs["saf_lookup"]:
+        message, unchanged = run["epoch_error"]
+        assert message is not None and "set_epoch" in message
+        assert unchanged
+
+
 def single_process_run():
     """The same global batches (rank 0's rows, then rank 1's) on one process."""
     model = saf_model()

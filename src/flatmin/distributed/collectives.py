@@ -141,13 +141,18 @@ def max_replica_difference(tensors: Iterable[Tensor], group: ProcessGroup = None
     """Largest absolute difference between this rank's tensors and rank 0's (0.0 if equal).
 
     A check for replicated state (DDP weights, MESA teachers, SAF stores); integer and
-    boolean tensors are compared as float64. Every rank gets the same answer.
+    boolean tensors are compared as float64, NaN equals NaN (a NaN on one rank only
+    counts as ``inf``). Every rank gets the same answer; every rank must pass tensors of
+    the same shapes.
     """
-    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors])
-    if world_size(group) == 1:
+    tensors = list(tensors)
+    if world_size(group) == 1 or not tensors:
         return 0.0
+    flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in tensors])
     reference = flat.clone()
     dist.broadcast(reference, src=dist.get_global_rank(group, 0) if group else 0, group=group)
-    diff = (flat - reference).abs().max().nan_to_num(nan=float("inf")).reshape(1)
+    both_nan = flat.isnan() & reference.isnan()
+    gaps = torch.where(both_nan, 0.0, (flat - reference).abs().nan_to_num(nan=float("inf")))
+    diff = gaps.max().reshape(1)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=group)
     return float(diff)

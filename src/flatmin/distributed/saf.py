@@ -11,9 +11,9 @@ target is stale or empty (all zeros, i.e. a uniform distribution).
 ``(logits, indices)`` of all processes and records the whole global batch into its own
 full copy of the store, so all copies stay identical and any process finds any sample's
 past logits locally. Per step and process this costs three small all-gathers (batch
-sizes, indices, logits in the store's dtype: ``W·B·(C·itemsize + 8)`` bytes received);
+sizes and epochs, indices, logits in the store's dtype: ``W·B·(C·itemsize + 8)`` bytes received);
 memory per process is the whole store, ``N·C·Ẽ·itemsize + N·Ẽ·4`` bytes (CIFAR-10,
-Ẽ = 3, float16: 3.6 MB; ImageNet-1k, Ẽ = 3, float16: ≈ 7.3 GiB on each process — keep
+Ẽ = 3, float16: 3.6 MB; ImageNet-1k, Ẽ = 3, float16: 7,346 MiB on each process — keep
 it on the CPU or memory-map it, see :class:`flatmin.SAF`). A rank-0 checkpoint holds the
 whole state.
 
@@ -115,7 +115,8 @@ class DistributedSAF:
         store = self.saf.store
         store.check_batch(logits, indices)
         local_indices = indices.to(torch.long)
-        all_indices, sizes = _all_gather_rows(local_indices, self.process_group)
+        sizes = _gather_batch_sizes(local_indices.shape[0], self.saf.epoch, self.process_group)
+        all_indices = _all_gather_rows(local_indices, sizes, self.process_group)
         rank = dist.get_rank(self.process_group) if world_size(self.process_group) > 1 else 0
         start = sum(sizes[:rank])
         rows = slice(start, start + sizes[rank])
@@ -124,7 +125,7 @@ class DistributedSAF:
             targets, valid = last[1], last[2]
         else:
             new_rows = logits.detach().to(store.dtype)
-            all_logits, _ = _all_gather_rows(new_rows, self.process_group, sizes)
+            all_logits = _all_gather_rows(new_rows, sizes, self.process_group)
             result = store.exchange(all_logits, all_indices, self.saf.epoch, record=record)
             _warn_if_skipped(result.skipped, store.device)
             targets, valid = result.targets, result.valid
@@ -156,24 +157,33 @@ class DistributedSAF:
         return f"DistributedSAF({self.saf!r}, world_size={world_size(self.process_group)})"
 
 
-def _all_gather_rows(
-    rows: Tensor, group: ProcessGroup, sizes: list[int] | None = None
-) -> tuple[Tensor, list[int]]:
-    """Concatenate every rank's ``rows`` (rank order); batch sizes may differ by rank."""
+def _gather_batch_sizes(batch: int, epoch: int, group: ProcessGroup) -> list[int]:
+    """Every rank's batch size (one small all-gather); the ranks must agree on the epoch."""
     size = world_size(group)
     if size == 1:
-        return rows, [rows.shape[0]]
-    if sizes is None:
-        mine = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
-        gathered = [torch.empty_like(mine) for _ in range(size)]
-        dist.all_gather(gathered, mine, group=group)
-        sizes = [int(s) for s in torch.cat(gathered).tolist()]
-    longest = max(sizes)
-    padded = rows.new_zeros((longest, *rows.shape[1:]))
+        return [batch]
+    mine = torch.tensor([batch, epoch], dtype=torch.long)
+    gathered = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(gathered, mine, group=group)
+    table = torch.stack(gathered).tolist()
+    epochs = sorted({e for _, e in table})
+    if len(epochs) > 1:
+        raise ValueError(
+            f"DistributedSAF: the processes are at different epochs {epochs}; call "
+            "set_epoch(epoch) with the same epoch on every process"
+        )
+    return [b for b, _ in table]
+
+
+def _all_gather_rows(rows: Tensor, sizes: list[int], group: ProcessGroup) -> Tensor:
+    """Concatenate every rank's ``rows`` in rank order (padded to the longest batch)."""
+    if len(sizes) == 1:
+        return rows
+    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
     padded[: rows.shape[0]] = rows
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sizes
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
 def _warn_if_skipped(skipped: Tensor, device: torch.device) -> None:

@@ -12,10 +12,10 @@ What changes on N processes (gloo backend, CPU):
   samples per step from a ``DistributedSampler`` (shuffled by ``--seed`` and the epoch),
   so the number of steps per epoch and the learning-rate schedule are those of the
   single-process run.
-* The model runs under ``DistributedDataParallel``. SAM-family methods perturb each
-  process with its own ε (m-sharpness with ``m = batch_size / N``,
+* The model runs under ``DistributedDataParallel``. SAM, ASAM, USAM and ESAM perturb
+  each process with its own ε (m-sharpness with ``m = batch_size / N``,
   :mod:`flatmin.distributed.sam`); methods whose update uses the first-pass gradient
-  (StableSAM) perturb with the averaged gradient instead. SAF's store is replicated
+  (StableSAM, GSAM, LookSAM) perturb with the averaged gradient instead. SAF's store is replicated
   (:mod:`flatmin.distributed.saf`), MESA's teacher kept identical
   (:mod:`flatmin.distributed.mesa`).
 * BatchNorm statistics are identical on every process before evaluation and saving;
@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ from flatmin.distributed.collectives import (
 from flatmin.distributed.launch import init_from_env, spawn
 from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
-from flatmin.distributed.sam import check_rank_independent_update, sam_step
+from flatmin.distributed.sam import check_rank_independent_update, first_pass, sam_step
+from flatmin.optim.bn import running_stats_frozen
 from flatmin.train import checkpoint as ckpt
 from flatmin.train.loop import TrainConfig, Trainer
 from flatmin.train.registry import (
@@ -82,21 +84,66 @@ class DistributedTwoPassUpdate(TwoPassUpdate):
         return outputs[0]
 
 
+class DistributedPerSampleUpdate(TwoPassUpdate):
+    """ESAM's step on a DDP model with per-process ε (Du et al., ICLR 2022).
+
+    ESAM's ``step(closure)`` runs its first backward itself, where DDP would average it;
+    so the step is written out with ESAM's explicit interface, the first pass inside
+    :func:`~flatmin.distributed.sam.first_pass`. Each process perturbs the same tensors
+    (ESAM's draw depends on its seed and step count only) with its own gradient and
+    selects its own samples for the second pass; DDP averages the second gradient.
+    ``compute(first_pass, rows)`` must return per-sample objectives (``per_sample``).
+    """
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, compute) -> PassOutput:
+        optimizer.zero_grad(set_to_none=True)
+        freeze = optimizer.unperturbed_frozen() if optimizer.freeze_unperturbed else nullcontext()
+        with torch.enable_grad(), freeze, first_pass(model, "local"):
+            first = compute(True)
+            first.per_sample.mean().backward()
+        optimizer.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad(), running_stats_frozen(model):
+                if optimizer.gamma < 1:
+                    with torch.no_grad():
+                        after = compute(False).per_sample
+                    rows = optimizer.select_samples(first.per_sample.detach(), after)
+                    compute(False, rows).per_sample.mean().backward()
+                else:
+                    compute(False).per_sample.mean().backward()
+        except BaseException:
+            optimizer.restore_weights()
+            optimizer.zero_grad()
+            raise
+        optimizer.second_step(zero_grad=True)
+        return first
+
+
 def distribute_method(method: Method) -> Method:
     """Make ``method`` (in place) correct on several processes; returns it.
 
-    Two-pass updates get per-process ε where the optimizer allows it (else the averaged
-    gradient); SAF and MESA terms get their distributed wrappers. Unknown update rules
-    or loss terms are refused rather than run with a silently wrong meaning.
+    The update rule is chosen by the optimizer: ESAM gets
+    :class:`DistributedPerSampleUpdate`; the other SAM-family members get
+    :class:`DistributedTwoPassUpdate` with per-process ε where their update allows it
+    (SAM, ASAM, USAM) and the averaged gradient otherwise (StableSAM, GSAM, LookSAM).
+    SAF and MESA terms get their distributed wrappers. An unknown update rule or loss
+    term is refused rather than run with a silently wrong meaning.
     """
-    update = method.update
-    if type(update) is TwoPassUpdate:
-        try:
-            check_rank_independent_update(method.optimizer)
-            method.update = DistributedTwoPassUpdate("local")
-        except ValueError:
-            method.update = DistributedTwoPassUpdate("global")
-    elif not isinstance(update, (SinglePassUpdate, DistributedTwoPassUpdate)):
+    from flatmin.optim.esam import ESAM
+
+    update, optimizer = method.update, method.optimizer
+    if isinstance(update, (DistributedTwoPassUpdate, DistributedPerSampleUpdate)):
+        pass
+    elif isinstance(update, TwoPassUpdate):
+        if isinstance(optimizer, ESAM):
+            method.update = DistributedPerSampleUpdate()
+        else:
+            try:
+                check_rank_independent_update(optimizer)
+                method.update = DistributedTwoPassUpdate("local")
+            except ValueError:
+                method.update = DistributedTwoPassUpdate("global")
+    elif type(update) is not SinglePassUpdate:
         raise TypeError(f"no distributed form is known for the update rule {type(update).__name__}")
     for name, term in method.terms.items():
         if isinstance(term, SAFTerm):
