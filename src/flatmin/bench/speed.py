@@ -112,7 +112,7 @@ class MethodRunner:
         }
         context = MethodContext(num_samples=case.num_samples, num_classes=case.num_classes)
         self.method = spec.create(self.model, given, context)
-        self.criterion = nn.CrossEntropyLoss()
+        self.criterion = nn.CrossEntropyLoss(reduction="none")  # per sample, as the trainer
         generator = torch.Generator().manual_seed(0)
         n = case.steps * case.batch_size
         self.x = torch.randn((n, *case.input_shape), generator=generator)
