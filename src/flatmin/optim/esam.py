@@ -42,7 +42,9 @@ A SAM-style closure (it calls ``backward`` itself and returns a scalar loss) is 
 accepted: SWP applies, but without per-sample losses every sample takes part in the
 second pass (a warning says so once when ``gamma < 1``).
 
-The same step written out, for loops that cannot use a closure::
+The same step written out, for loops that cannot use a closure (``first_step`` drops
+the first-pass gradients of the tensors it does not perturb; the context manager only
+avoids computing them)::
 
     with opt.unperturbed_frozen():            # optional: skips unneeded gradients
         before = F.cross_entropy(model(x), y, reduction="none")

@@ -109,9 +109,9 @@ class LookSAM(SAM):
             for b in buckets:
                 pairs = [(g, self._g_v[p]) for p, g in zip(b.params, b.grads) if p in self._g_v]
                 if pairs:
-                    grads, reused = zip(*pairs)
-                    step = torch._foreach_mul(list(reused), scale.to(b.device, grads[0].dtype))
-                    torch._foreach_add_(list(grads), step)
+                    grads, reused = map(list, zip(*pairs))
+                    factor = scale.to(b.device, grads[0].dtype)
+                    torch._foreach_addcmul_(grads, reused, [factor] * len(grads))
         self._apply_update(buckets, torch.isfinite(grad_norm), grad_scaler)
         self.steps_done += 1
         if zero_grad:
