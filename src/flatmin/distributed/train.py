@@ -188,6 +188,9 @@ class DistributedTrainer(Trainer):
 
     ``run_dir`` is the run directory; rank 0 writes there, the others write into their
     own ``out_dir`` (a scratch directory) and resume from ``run_dir``'s checkpoint.
+    It overrides two of the Trainer's internal steps (``_checkpoint_to_resume`` and
+    ``_train_epoch``); public hooks in the Trainer for the loader, the model wrapper and
+    the writing rank would let it stop depending on them.
     """
 
     def __init__(
