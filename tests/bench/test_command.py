@@ -21,7 +21,7 @@ def test_positional_and_flag_forms_reach_the_same_preset(tmp_path, capsys):
     # The demo's own argument check answers, so both forms dispatched to it.
     for form in (["demo"], ["--preset", "demo"]):
         assert main(["bench", *form, "--seeds", "0", "--out", str(tmp_path)]) == 2
-        assert "--seeds and --epochs must be >= 1" in capsys.readouterr().err
+        assert "--seeds, --epochs and --threads must be >= 1" in capsys.readouterr().err
 
 
 def test_help_lists_every_benchmark(capsys):

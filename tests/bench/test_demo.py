@@ -87,7 +87,7 @@ def test_demo_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
 
 def test_demo_rejects_nonpositive_counts(tmp_path, capsys):
     assert main(["bench", "--preset", "demo", "--seeds", "0", "--out", str(tmp_path)]) == 2
-    assert "--seeds and --epochs must be >= 1" in capsys.readouterr().err
+    assert "--seeds, --epochs and --threads must be >= 1" in capsys.readouterr().err
 
 
 def test_the_plot_marks_where_the_trajectory_terms_start():

@@ -272,10 +272,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out if args.out is not None else "runs/demo")
     seeds = preset.seeds if args.seeds is None else args.seeds
     epochs = preset.epochs if args.epochs is None else args.epochs
-    if seeds < 1 or epochs < 1:
-        print("flatmin bench: error: --seeds and --epochs must be >= 1", file=sys.stderr)
-        return 2
     processes = args.threads
+    if seeds < 1 or epochs < 1 or processes < 1:
+        print(
+            "flatmin bench: error: --seeds, --epochs and --threads must be >= 1",
+            file=sys.stderr,
+        )
+        return 2
     title = (
         f"MNIST-1D, {preset.label_noise:.0%} symmetric label noise, {preset.model}, "
         f"{epochs} epochs, {seeds} seed{'s' if seeds > 1 else ''}"
@@ -290,18 +293,19 @@ def run(args: argparse.Namespace) -> int:
     )
     elapsed = time.perf_counter() - started
     text = table(results)
+    cpu = sum(r.cpu_seconds for r in results)
     plot(results, out / "demo.png", title, preset.term_start_marker())
     (out / "summary.md").write_text(
         f"# flatmin demo\n\n{title}.\n\n{text}\n\n{preset.scaling_note}.\n\n"
         f"Made by `flatmin bench --preset demo` in {elapsed:.0f} s, {processes} run(s) at "
-        "a time with one thread each. Speed is the median training throughput per CPU-second; "
+        f"a time with one thread each; the runs used {cpu:.0f} CPU-seconds. Speed is the "
+        "median training throughput per CPU-second; "
         "extra memory is counted from tensor sizes (SAM: the copy of w between passes; "
         "SAF: the logit store; MESA: the EMA teacher).\n"
     )
     print()
     print(text)
     print()
-    cpu = sum(r.cpu_seconds for r in results)
     print(
         f"{elapsed:.0f} s in total; the runs used {cpu:.0f} CPU-seconds (≈ {cpu / processes:.0f}"
         f" s on {processes} idle core(s)); plot: {out / 'demo.png'}; table: {out / 'summary.md'}"
