@@ -223,16 +223,53 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class _Run:
+    """Everything built for a run, before any state is restored into it."""
+
+    model: nn.Module
+    method: Method
+    train_loader: DataLoader
+    eval_loaders: dict[str, DataLoader]
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    data_metadata: dict[str, Any]
+    sharpness_batch: tuple[Tensor, Tensor] | None
+
+    def state(self, config: Mapping[str, Any], epoch: int, records: list) -> dict[str, Any]:
+        """The checkpoint after ``epoch`` complete epochs (see :mod:`.checkpoint`)."""
+        return {
+            "model": self.model.state_dict(),
+            "config": dict(config),
+            "optimizer": self.method.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "method_state": self.method.state_dict(),
+            "rng": ckpt.rng_state(self.train_loader.generator),
+            "epoch": epoch,
+            "metrics": records,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Load a checkpoint written by :meth:`state` (RNGs included)."""
+        self.model.load_state_dict(state["model"])
+        self.method.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method_state"])
+        ckpt.set_rng_state(state["rng"], self.train_loader.generator)
+
+
 class Trainer:
     """Train one configuration into ``out_dir``.
 
     Args:
-        config: the run's configuration (checked and completed on :meth:`run`).
+        config: the run's configuration (checked and completed here).
         out_dir: the run directory (created if needed).
         progress: show tqdm bars per epoch and per batch; ``None``: only on a terminal.
         log: receives one summary line per epoch (``None``: silent).
         step_callbacks: called as ``f(epoch, step)`` after every optimizer step.
         epoch_callbacks: called as ``f(record)`` after every saved epoch.
+
+    After :meth:`run`, ``trainer.model`` and ``trainer.method`` are the trained objects.
     """
 
     def __init__(
@@ -269,11 +306,55 @@ class Trainer:
         state = self._checkpoint_to_resume(resume)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        run = self._build()
+        records: list[dict[str, Any]] = []
+        start_epoch = 0
+        if state is not None:
+            run.restore(state)
+            records, start_epoch = list(state["metrics"]), int(state["epoch"])
+        self.model, self.method = run.model, run.method
 
+        config_dict = config.to_dict()
+        ckpt.write_json(self.out_dir / ckpt.CONFIG_NAME, {**config_dict, "data": run.data_metadata})
+        ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
+
+        from tqdm.auto import tqdm
+
+        end_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
+        wall_offset = records[-1]["wall_time"] if records else 0.0
+        disable = None if self.progress is None else not self.progress
+        started = time.perf_counter()
+        run.model.train()
+        with tqdm(range(start_epoch, end_epoch), desc=f"{config.method} epochs",
+                  initial=start_epoch, total=end_epoch, disable=disable,
+                  file=sys.stderr) as epochs:  # fmt: skip
+            for epoch in epochs:
+                record = self._train_epoch(epoch, run, disable)
+                for split, loader in run.eval_loaders.items():
+                    record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(run.model, loader)
+                if run.sharpness_batch is not None:
+                    record["sharpness"] = self._sharpness(run.model, run.sharpness_batch)
+                record["wall_time"] = wall_offset + time.perf_counter() - started
+                records.append(record)
+                with ckpt.interrupts_deferred():  # the two files of an epoch go together
+                    ckpt.save_checkpoint(
+                        self.checkpoint_path, run.state(config_dict, epoch + 1, records)
+                    )
+                    ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
+                epochs.set_postfix(test_acc=f"{record['test_acc']:.4f}")
+                if self.log is not None:
+                    self.log(_summary(record, config.epochs))
+                for callback in self.epoch_callbacks:
+                    callback(record)
+        return records
+
+    def _build(self) -> _Run:
+        """Data, model, method, loaders and schedule, each seeded from ``config.seed``."""
         from flatmin.data import WithIndex
         from flatmin.train.data import load_dataset, make_loader
         from flatmin.train.models import build_model
 
+        config = self.config
         seed_everything(config.seed)
         bundle = load_dataset(
             config.dataset,
@@ -284,10 +365,9 @@ class Trainer:
             augment=config.augment,
             subset=config.subset,
         )
-        seed_everything(config.seed)
+        seed_everything(config.seed)  # the model's initial weights do not depend on the data
         model = build_model(config.model, bundle.num_classes, bundle.input_shape)
-        spec = get_method(config.method)
-        method = spec.create(
+        method = get_method(config.method).create(
             model,
             config.hyperparameters,
             MethodContext(len(bundle.train), bundle.num_classes, seed=config.seed),
@@ -302,75 +382,20 @@ class Trainer:
         eval_loaders = {"test": make_loader(bundle.test, config.eval_batch_size, False, 0)}
         if bundle.val is not None:
             eval_loaders["val"] = make_loader(bundle.val, config.eval_batch_size, False, 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            method.optimizer, lr_factor(config, len(train_loader))
+        return _Run(
+            model=model,
+            method=method,
+            train_loader=train_loader,
+            eval_loaders=eval_loaders,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(
+                method.optimizer, lr_factor(config, len(train_loader))
+            ),
+            criterion=nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing),
+            data_metadata=bundle.metadata,
+            sharpness_batch=(
+                self._sharpness_batch(bundle.train) if config.track_sharpness else None
+            ),
         )
-        criterion = nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing)
-        sharpness_batch = self._sharpness_batch(bundle.train) if config.track_sharpness else None
-
-        records: list[dict[str, Any]] = []
-        start_epoch, wall_offset = 0, 0.0
-        if state is not None:
-            model.load_state_dict(state["model"])
-            method.optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            method.load_state_dict(state["method_state"])
-            ckpt.set_rng_state(state["rng"], train_loader.generator)
-            start_epoch = int(state["epoch"])
-            records = list(state["metrics"])
-            wall_offset = records[-1]["wall_time"] if records else 0.0
-        self.model, self.method = model, method
-
-        config_dict = config.to_dict()
-        ckpt.write_json(self.out_dir / ckpt.CONFIG_NAME, {**config_dict, "data": bundle.metadata})
-        ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
-
-        end_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
-        from tqdm.auto import tqdm
-
-        disable = None if self.progress is None else not self.progress
-        started = time.perf_counter()
-        model.train()
-        with tqdm(
-            range(start_epoch, end_epoch),
-            desc=f"{config.method} epochs",
-            initial=start_epoch,
-            total=end_epoch,
-            disable=disable,
-            file=sys.stderr,
-        ) as epochs:
-            for epoch in epochs:
-                record = self._train_epoch(
-                    epoch, model, method, train_loader, scheduler, criterion, disable
-                )
-                for split, loader in eval_loaders.items():
-                    loss, acc = evaluate(model, loader)
-                    record[f"{split}_loss"], record[f"{split}_acc"] = loss, acc
-                if sharpness_batch is not None:
-                    record["sharpness"] = self._sharpness(model, sharpness_batch)
-                record["wall_time"] = wall_offset + time.perf_counter() - started
-                records.append(record)
-                with ckpt.interrupts_deferred():
-                    ckpt.save_checkpoint(
-                        self.checkpoint_path,
-                        {
-                            "model": model.state_dict(),
-                            "config": config_dict,
-                            "optimizer": method.optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "method_state": method.state_dict(),
-                            "rng": ckpt.rng_state(train_loader.generator),
-                            "epoch": epoch + 1,
-                            "metrics": records,
-                        },
-                    )
-                    ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
-                epochs.set_postfix(test_acc=f"{record['test_acc']:.4f}")
-                if self.log is not None:
-                    self.log(_summary(record, config.epochs))
-                for callback in self.epoch_callbacks:
-                    callback(record)
-        return records
 
     def _checkpoint_to_resume(self, resume: bool) -> dict[str, Any] | None:
         if not resume:
@@ -386,29 +411,21 @@ class Trainer:
             raise ValueError(f"cannot resume {self.out_dir}: " + "; ".join(reasons))
         return state
 
-    def _train_epoch(
-        self,
-        epoch: int,
-        model: nn.Module,
-        method: Method,
-        loader: DataLoader,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        criterion: nn.Module,
-        disable: bool | None,
-    ) -> dict[str, Any]:
+    def _train_epoch(self, epoch: int, run: _Run, disable: bool | None) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
+        model, method = run.model, run.method
         method.set_epoch(epoch)
         lr = method.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.int64)
         seen = 0
         started, cpu_started = time.perf_counter(), time.process_time()
-        with tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=disable,
+        with tqdm(run.train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=disable,
                   file=sys.stderr) as batches:  # fmt: skip
             for step, (x, y, index) in enumerate(batches):
-                out = method.train_step(model, x, y, index, criterion)
-                scheduler.step()
+                out = method.train_step(model, x, y, index, run.criterion)
+                run.scheduler.step()
                 loss_sum += out.loss.double() * y.numel()
                 correct += (out.logits.argmax(1) == y).sum()
                 seen += y.numel()
@@ -423,7 +440,7 @@ class Trainer:
             "lr": lr,
             "images_per_s": seen / elapsed,
             # CPU seconds of this process: unlike wall time, barely moved by other load.
-            "images_per_cpu_s": seen / cpu_elapsed if cpu_elapsed > 0 else math.inf,
+            "images_per_cpu_s": seen / max(cpu_elapsed, 1e-9),
         }
 
     def _sharpness_batch(self, dataset: Any) -> tuple[Tensor, Tensor]:
