@@ -206,3 +206,24 @@ def test_tracked_sharpness_is_the_sam_sharpness_of_the_saved_weights(tmp_path):
 def test_validation_split_is_evaluated(tmp_path):
     (record,) = Trainer(_config(epochs=1, val_fraction=0.25), tmp_path, progress=False).run()
     assert 0.0 <= record["val_acc"] <= 1.0 and record["val_loss"] > 0
+
+
+def test_logged_train_loss_is_the_label_smoothed_mean_over_the_epoch(tmp_path):
+    """With lr = 0 the weights never move, so the epoch's training loss is the smoothed
+    cross-entropy of the initial model over the (noisy) training set."""
+    config = _config(model="mlp", epochs=1, label_smoothing=0.1, hyperparameters={"lr": 0.0})
+    (record,) = Trainer(config, tmp_path, progress=False).run()
+
+    from flatmin.train.data import load_dataset
+    from flatmin.train.models import build_model
+
+    bundle = load_dataset("digits", seed=0, label_noise=0.2, subset=96)
+    torch.manual_seed(0)
+    model = build_model("mlp", bundle.num_classes, bundle.input_shape)
+    x = torch.stack([bundle.train[i][0] for i in range(len(bundle.train))])
+    with torch.no_grad():
+        logits = model(x)
+    expected = F.cross_entropy(logits, bundle.train.targets, label_smoothing=0.1)
+    assert record["train_loss"] == pytest.approx(float(expected), rel=1e-5)
+    accuracy = (logits.argmax(1) == bundle.train.targets).float().mean()
+    assert record["train_acc"] == pytest.approx(float(accuracy))
