@@ -9,14 +9,22 @@ and :meth:`Method.state_dict` — so it has no per-method branches, and a new me
 :func:`register` call::
 
     register(MethodSpec(
-        name="gsam",
-        summary="surrogate-gap guided SAM (Zhuang et al., ICLR 2022)",
-        hyperparameters=(*SGD_HYPERPARAMETERS, Hyperparameter("rho", 0.05, "..."), ...),
-        build=lambda model, hp, ctx: Method(make_gsam(model, hp), TwoPassUpdate()),
+        name="sam-adamw",
+        summary="SAM over AdamW",
+        hyperparameters=(*ADAMW_HYPERPARAMETERS, Hyperparameter("rho", 0.05, "radius")),
+        build=lambda model, hp, ctx: Method(
+            SAM(model.parameters(), torch.optim.AdamW, rho=hp["rho"], lr=hp["lr"], ...),
+            TwoPassUpdate(),
+        ),
     ))
 
 Every hyperparameter becomes a command-line flag (``rho`` → ``--rho``); a flag shared by
 several methods (``--lam`` for SAF and MESA) carries each method's own default.
+
+Update rules: :class:`SinglePassUpdate` (``optimizer.step()``), :class:`TwoPassUpdate`
+(``optimizer.step(closure, model=model)``: the optimizer decides how many passes a step
+takes) and :class:`PerSampleTwoPassUpdate` (the closure returns per-sample objectives, for
+ESAM's data selection). Loss terms: :class:`SAFTerm`, :class:`MESATerm`.
 """
 
 from __future__ import annotations
