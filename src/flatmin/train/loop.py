@@ -170,6 +170,7 @@ def resume_conflicts(stored: Mapping[str, Any], requested: Mapping[str, Any]) ->
         reasons.append(
             "settings differ from the checkpoint's: "
             + ", ".join(f"{k} {stored.get(k)!r} → {requested.get(k)!r}" for k in others)
+            + " (a resumed run keeps its settings; start a new --out to change them)"
         )
     return reasons
 
