@@ -13,13 +13,17 @@ SAF runs in its steady state: its store is filled for ``lag_epochs`` epochs befo
 so every timed step reads a valid target, computes the KL and records the batch. MESA's
 term is active in every timed step and its EMA teacher is updated after every step.
 
-    python benchmarks/trajectory_cost.py --threads 2 --repeats 15 --steps 4
-    python benchmarks/trajectory_cost.py --threads 2 --repeats 15 --steps 4 --channels-last
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/trajectory_cost.py --threads 2 --repeats 15 --steps 4
+
+On a CPU shared with other work, ``OMP_WAIT_POLICY=PASSIVE`` keeps idle OpenMP workers
+from spinning against their own main thread; without it every small operator could stall
+for a scheduler slice. The header records the setting and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -163,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# command: {' '.join(['python', *sys.argv])}")
     print(
         f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}  torch {torch.__version__}  "
-        f"threads {torch.get_num_threads()}  {platform.processor() or platform.machine()}"
+        f"threads {torch.get_num_threads()}  {platform.processor() or platform.machine()}  "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}  "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
 
     num_samples = args.steps * args.batch

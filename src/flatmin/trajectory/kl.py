@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 
 def zero_term(logits: Tensor) -> Tensor:
@@ -56,8 +55,8 @@ def tempered_kl(
     if logits.shape[0] == 0:
         return zero_term(logits)
     dtype = _compute_dtype(logits)
-    log_q = F.log_softmax(logits.to(dtype) / tau, dim=1)
-    log_p = F.log_softmax(target_logits.detach().to(device=logits.device, dtype=dtype) / tau, dim=1)
+    log_q = _log_softmax(logits.to(dtype) / tau)
+    log_p = _log_softmax(target_logits.detach().to(device=logits.device, dtype=dtype) / tau)
     per_row = (log_p.exp() * (log_p - log_q)).sum(dim=1)
     if valid is None:
         return tau * tau * per_row.mean()
@@ -70,6 +69,18 @@ def tempered_kl(
     kept = torch.where(valid, per_row, per_row.new_zeros(()))
     count = valid.sum().clamp_(min=1).to(dtype)
     return tau * tau * kept.sum() / count
+
+
+def _log_softmax(scaled: Tensor) -> Tensor:
+    """Row-wise log-softmax as ``a − logsumexp(a)``.
+
+    Same values as ``F.log_softmax``, but for a small batch it stays in single-threaded
+    element-wise kernels: ``F.log_softmax`` (forward and backward) opens an OpenMP region
+    even for a (128, 10) input, and on a busy CPU (load ≈ 10 on 2 cores, 2 threads) each
+    such region waited for a scheduler slice: a median of 60 ms instead of 80 µs for the
+    term's forward and backward at batch 128 with 10 classes.
+    """
+    return scaled - torch.logsumexp(scaled, dim=1, keepdim=True)
 
 
 def _compute_dtype(logits: Tensor) -> torch.dtype:
