@@ -330,7 +330,10 @@ class Trainer:
                   initial=start_epoch, total=end_epoch, disable=disable,
                   file=sys.stderr) as epochs:  # fmt: skip
             for epoch in epochs:
-                record = self._train_epoch(epoch, run, disable)
+                record = self._train_epoch(
+                    epoch, run.model, run.method, run.train_loader, run.scheduler,
+                    run.criterion, disable,
+                )  # fmt: skip
                 for split, loader in run.eval_loaders.items():
                     record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(run.model, loader)
                 if run.sharpness_batch is not None:
@@ -412,21 +415,31 @@ class Trainer:
             raise ValueError(f"cannot resume {self.out_dir}: " + "; ".join(reasons))
         return state
 
-    def _train_epoch(self, epoch: int, run: _Run, disable: bool | None) -> dict[str, Any]:
+    def _train_epoch(
+        self,
+        epoch: int,
+        model: nn.Module,
+        method: Method,
+        loader: DataLoader,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        criterion: nn.Module,
+        disable: bool | None,
+    ) -> dict[str, Any]:
+        """One epoch of steps; ``flatmin.distributed.train`` overrides it to substitute a
+        DDP-wrapped model and a distributed loader, so its signature is kept stable."""
         from tqdm.auto import tqdm
 
-        model, method = run.model, run.method
         method.set_epoch(epoch)
         lr = method.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.int64)
         seen = 0
         started, cpu_started = time.perf_counter(), time.process_time()
-        with tqdm(run.train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=disable,
+        with tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=disable,
                   file=sys.stderr) as batches:  # fmt: skip
             for step, (x, y, index) in enumerate(batches):
-                out = method.train_step(model, x, y, index, run.criterion)
-                run.scheduler.step()
+                out = method.train_step(model, x, y, index, criterion)
+                scheduler.step()
                 loss_sum += out.loss.double() * y.numel()
                 correct += (out.logits.argmax(1) == y).sum()
                 seen += y.numel()
