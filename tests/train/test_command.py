@@ -134,3 +134,27 @@ def test_ctrl_c_in_a_real_process_leaves_a_loadable_run(tmp_path):
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert state["epoch"] == len(records) == records[-1]["epoch"] >= 2
     assert state["metrics"] == records
+
+
+@pytest.mark.distributed
+def test_nproc_trains_on_two_processes_and_equals_the_distributed_trainer(tmp_path):
+    """`flatmin train --nproc 2` runs the same 2-process training as flatmin.distributed."""
+    from flatmin.distributed.train import run_distributed
+    from flatmin.train import checkpoint as ckpt
+    from flatmin.train.loop import TrainConfig
+
+    common = ["--method", "sam", "--dataset", "digits", "--model", "mlp", "--epochs", "1"]
+    assert main(["train", *common, "--nproc", "2", "--quiet", "--out", str(tmp_path / "cli")]) == 0
+    config = TrainConfig(method="sam", dataset="digits", model="mlp", epochs=1)
+    run_distributed(config, tmp_path / "lib", 2)
+    via_cli = torch.load(tmp_path / "cli" / ckpt.CHECKPOINT_NAME)["model"]
+    via_lib = torch.load(tmp_path / "lib" / ckpt.CHECKPOINT_NAME)["model"]
+    assert via_cli.keys() == via_lib.keys()
+    assert all(torch.equal(via_cli[k], via_lib[k]) for k in via_cli)
+
+
+def test_nproc_must_be_positive(tmp_path, capsys):
+    code = main(["train", "--method", "sgd", "--dataset", "digits", "--nproc", "0",
+                 "--out", str(tmp_path / "r")])  # fmt: skip
+    assert code == 2
+    assert "--nproc must be a positive" in capsys.readouterr().err

@@ -118,6 +118,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="progress bars (default: only on a terminal)",
     )
     control.add_argument("--quiet", action="store_true", help="no per-epoch summary lines")
+    control.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train on N local processes (torch.distributed, gloo); --batch-size stays global",
+    )
 
 
 def _describe_defaults(pairs: list[tuple[str, Any]]) -> str:
@@ -180,10 +187,22 @@ def run(args: argparse.Namespace) -> int:
     out: Path | None = None
     try:
         config, out = build_config(args)
-        trainer = Trainer(config, out, progress=args.progress, log=None if args.quiet else _echo)
         if args.stop_after is not None and args.stop_after < 1:
             raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
-        records = trainer.run(resume=args.resume, stop_after=args.stop_after)
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be a positive number of processes, got {args.nproc}")
+        if args.nproc > 1:
+            from flatmin.distributed.train import run_distributed
+
+            records = run_distributed(
+                config, out, args.nproc, resume=args.resume, stop_after=args.stop_after,
+                quiet=args.quiet,
+            )  # fmt: skip
+        else:
+            trainer = Trainer(
+                config, out, progress=args.progress, log=None if args.quiet else _echo
+            )
+            records = trainer.run(resume=args.resume, stop_after=args.stop_after)
     except (ValueError, FileNotFoundError) as err:
         print(f"flatmin train: error: {err}", file=sys.stderr)
         return 2
