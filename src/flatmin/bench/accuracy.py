@@ -592,7 +592,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.report:
         print(f"{len(jobs)} runs in {root}; not registered (left out): {missing or 'none'}")
         started = time.perf_counter()
-        skipped = run_study(jobs, root, args.threads, args.epochs)
+        skipped = run_study(
+            jobs, root, args.threads, args.epochs, log=lambda line: print(line, flush=True)
+        )
         print(f"done in {time.perf_counter() - started:.0f} s; {skipped} left to other workers")
     text, data = report(root, study(args.study), missing)
     results = Path(args.results)

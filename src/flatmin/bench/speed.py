@@ -8,9 +8,13 @@ training step is ``method.train_step(...)``, the trainer's step. The methods are
 *interleaved in one process*: round 1 runs one block of every method (A B C …), round 2
 again, …, so a change in machine load hits all methods alike. A block is one "epoch" of
 ``steps`` steps over a synthetic set of ``steps × batch`` samples; the first round is a
-warm-up and not counted. Reported per method: the median images/s over the rounds, the
-ratio of that median to SGD's, and the median over rounds of the per-round ratio (each
-round's block against the same round's SGD block).
+warm-up and not counted. Reported per method: the median images/s over the rounds; the
+median over rounds of the per-round ratio to SGD (each round's block against the same
+round's SGD block) in wall time; the ratio of the fastest blocks (the figure least
+disturbed by other work on a shared machine); and the same median ratio in *process CPU
+time* (``time.process_time``, all threads), which measures the work a method does rather
+than the share of a contended CPU it got. The target verdicts use the wall-time median
+ratio and the CPU-time one; on a machine shared with other jobs, trust the CPU-time one.
 
 Every method runs in its steady state: SAF and MESA start their term at once
 (``start_epoch = 0``) and SAF's store is filled for ``Ẽ`` epochs before timing, so every
@@ -87,12 +91,14 @@ class SpeedRow:
 
     case: str
     method: str
-    images_per_s: float  # median over the rounds
-    ratio_of_medians: float  # images_per_s / SGD's images_per_s
+    images_per_s: float  # median over the rounds (wall time)
     median_round_ratio: float  # median over rounds of (this block / same round's SGD block)
+    best_block_ratio: float  # fastest block / SGD's fastest block
+    cpu_round_ratio: float  # as median_round_ratio, in images per process-CPU second
     extra_memory_bytes: int
     parameter_bytes: int
-    blocks: list[float]  # images/s of every counted block
+    blocks: list[float]  # images/s (wall) of every counted block
+    cpu_blocks: list[float]  # images per CPU second of every counted block
 
 
 class MethodRunner:
@@ -122,17 +128,19 @@ class MethodRunner:
         for _ in range(lag):  # fill SAF's store so that timed steps find their targets
             self.block()
 
-    def block(self) -> float:
-        """One epoch over the synthetic set; returns images/s."""
+    def block(self) -> tuple[float, float]:
+        """One epoch over the synthetic set; returns images per wall second and per
+        process-CPU second."""
         self.method.set_epoch(self.epoch)
         b = self.case.batch_size
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for step in range(self.case.steps):
             index = torch.arange(step * b, (step + 1) * b)
             self.method.train_step(self.model, self.x[index], self.y[index], index, self.criterion)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         self.epoch += 1
-        return self.case.steps * b / elapsed
+        images = self.case.steps * b
+        return images / elapsed, images / max(cpu, 1e-9)
 
     def extra_memory_bytes(self) -> int:
         return int(self.method.extra_memory_bytes(self.model))
@@ -163,34 +171,41 @@ def measure_case(
     runners = [MethodRunner(case, name, base) for name in methods]
     for runner in runners:  # warm-up round (allocations, first-call overheads)
         runner.block()
-    blocks: dict[str, list[float]] = {name: [] for name in methods}
+    walls: dict[str, list[float]] = {name: [] for name in methods}
+    cpus: dict[str, list[float]] = {name: [] for name in methods}
     for r in range(repeats):
         for runner in runners:
-            blocks[runner.name].append(runner.block())
+            wall, cpu = runner.block()
+            walls[runner.name].append(wall)
+            cpus[runner.name].append(cpu)
         if log is not None:
             log(
                 f"{case.name} round {r + 1}/{repeats}: "
-                + "  ".join(f"{n} {blocks[n][-1]:.0f}" for n in methods)
+                + "  ".join(f"{n} {walls[n][-1]:.0f}" for n in methods)
             )
-    sgd = blocks["sgd"]
     param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     rows = []
     for runner in runners:
-        own = blocks[runner.name]
-        median_ips = _median(own)
+        name = runner.name
         rows.append(
             SpeedRow(
                 case=case.name,
-                method=runner.name,
-                images_per_s=median_ips,
-                ratio_of_medians=median_ips / _median(sgd),
-                median_round_ratio=_median([a / b for a, b in zip(own, sgd, strict=True)]),
+                method=name,
+                images_per_s=_median(walls[name]),
+                median_round_ratio=_round_ratio(walls[name], walls["sgd"]),
+                best_block_ratio=max(walls[name]) / max(walls["sgd"]),
+                cpu_round_ratio=_round_ratio(cpus[name], cpus["sgd"]),
                 extra_memory_bytes=runner.extra_memory_bytes(),
                 parameter_bytes=param_bytes,
-                blocks=own,
+                blocks=walls[name],
+                cpu_blocks=cpus[name],
             )
         )
     return rows
+
+
+def _round_ratio(own: Sequence[float], sgd: Sequence[float]) -> float:
+    return _median([a / b for a, b in zip(own, sgd, strict=True)])
 
 
 def profile_block(case: SpeedCase, method: str, rows: int = 15) -> str:
@@ -213,25 +228,32 @@ def _mib(n: int) -> str:
 
 
 def format_table(rows: Sequence[SpeedRow]) -> str:
-    """Markdown table: throughput, ratios, the paper's ratio and the target per method."""
+    """Markdown table: throughput, ratios to SGD, the paper's ratio and the target."""
     lines = [
-        "| model | method | images/s (median) | × SGD (ratio of medians) | × SGD (median of "
-        "round ratios) | paper × base | target | extra memory MiB (× params) |",
-        "|" + "---|" * 8,
+        "| model | method | images/s (median) | × SGD wall (median of rounds) | × SGD wall "
+        "(best blocks) | × SGD CPU time (median of rounds) | paper × base | target: wall / "
+        "CPU | extra memory MiB (× params) |",
+        "|" + "---|" * 9,
     ]
     for r in rows:
         paper = f"{100 * PAPER_RATIO[r.method]:.1f} %" if r.method in PAPER_RATIO else "—"
         target = TARGET_RATIO.get(r.method)
         verdict = "—"
         if target is not None:
-            ok = r.median_round_ratio >= target
-            verdict = f"≥ {100 * target:.1f} %: {'met' if ok else 'MISSED'}"
+            ratios = (r.median_round_ratio, r.cpu_round_ratio)
+            marks = ["met" if x >= target else "MISSED" for x in ratios]
+            verdict = f"≥ {100 * target:.1f} %: {marks[0]} / {marks[1]}"
         lines.append(
-            f"| {r.case} | {r.method} | {r.images_per_s:.0f} | {100 * r.ratio_of_medians:.1f} % "
-            f"| {100 * r.median_round_ratio:.1f} % | {paper} | {verdict} "
+            f"| {r.case} | {r.method} | {r.images_per_s:.0f} | {100 * r.median_round_ratio:.1f} % "
+            f"| {100 * r.best_block_ratio:.1f} % | {100 * r.cpu_round_ratio:.1f} % | {paper} "
+            f"| {verdict} "
             f"| {_mib(r.extra_memory_bytes)} ({r.extra_memory_bytes / r.parameter_bytes:.2f}×) |"
         )
     return "\n".join(lines)
+
+
+def _flush_print(line: str) -> None:
+    print(line, flush=True)
 
 
 def machine() -> dict[str, Any]:
@@ -287,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
             if v is not None
         }
         case = SpeedCase(**{**asdict(case), **overrides})
-        rows += measure_case(case, methods, args.repeats, log=print)
+        rows += measure_case(case, methods, args.repeats, log=_flush_print)
         if args.profile:
             for name in ("sgd", args.profile):
                 profiles[f"{case.name}/{name}"] = profile_block(case, name)
@@ -308,8 +330,7 @@ def run(args: argparse.Namespace) -> int:
             "",
             format_table(rows),
             "",
-            "Extra memory is counted from tensor sizes (Method.extra_memory_bytes), not "
-            "measured; the target verdict uses the median of per-round ratios.",
+            "Extra memory is counted from tensor sizes (Method.extra_memory_bytes), not measured.",
             *[f"\n## profile {name}\n{table}" for name, table in profiles.items()],
         ]
     )
