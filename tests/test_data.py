@@ -37,3 +37,28 @@ def test_iterable_datasets_are_rejected():
         WithIndex(Stream())
     with pytest.raises(TypeError, match="map-style"):
         WithIndex(42)
+
+
+def test_batched_fetch_equals_item_by_item():
+    class Batched(TensorDataset):
+        def __init__(self, *tensors):
+            super().__init__(*tensors)
+            self.batched_calls = 0
+
+        def __getitems__(self, indices):
+            self.batched_calls += 1
+            return [self[i] for i in indices]
+
+    x, y = torch.randn(9, 2), torch.arange(9)
+    base = Batched(x, y)
+    data = WithIndex(base)
+    indices = [4, 0, 8, 4]
+    batch = data.__getitems__(indices)
+    assert base.batched_calls == 1
+    for (xb, yb, ib), i in zip(batch, indices):
+        xi, yi, ii = data[i]
+        assert torch.equal(xb, xi) and yb == yi and ib == ii == i
+    assert WithIndex(TensorDataset(x, y)).__getitems__([2, 3])[1][2] == 3
+    loader = DataLoader(data, batch_size=4, shuffle=False)
+    xs, _, idx = next(iter(loader))
+    assert torch.equal(xs, x[:4]) and torch.equal(idx, torch.arange(4))
