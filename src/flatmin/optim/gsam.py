@@ -30,8 +30,9 @@ surrogate gradient gives ``g_⊥ = g`` instead); ``d`` is formed as
 ``(1 + α c)·g_s − α g`` with ``c = ⟨g,g_s⟩/‖g_s‖²``, the same vector.
 
 Defaults: ``rho = 0.05`` (ρ_max, SAM's default), ``rho_min = 0`` (ρ proportional to the
-LR, as in the paper's ImageNet runs), ``alpha = 0.4`` (the ViT setting of the paper and
-REFERENCE.md; the authors' CIFAR example uses 0.2 with ASAM).
+learning rate; pass ``rho_min=rho`` for a constant radius), ``alpha = 0.4`` (the value of
+the paper's examples in REFERENCE.md; the authors' CIFAR example script uses 0.2 with
+ASAM).
 """
 
 from __future__ import annotations
