@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -199,3 +200,169 @@ def test_channels_last_teacher_keeps_values_and_gives_the_same_term():
         assert torch.equal(a, b)
     logits = model(x)
     torch.testing.assert_close(channels_last(x, logits), plain(x, logits))
+
+
+class _Residual(nn.Module):
+    """A residual block whose first conv's output also skips its BN (that BN stays)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.shortcut = nn.Conv2d(4, 4, 1, bias=False)
+        self.shortcut_bn = nn.BatchNorm2d(4, affine=False)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return torch.relu(self.bn(h) + h + self.shortcut_bn(self.shortcut(x)))
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        _Residual(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Linear(6, 3),
+    )
+
+
+class _BatchNormCalls(torch.overrides.TorchFunctionMode):
+    """Counts the calls of ``F.batch_norm`` made while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is F.batch_norm
+        return func(*args, **(kwargs or {}))
+
+
+def _plain_eval_forward(mesa: MESA, x: torch.Tensor) -> torch.Tensor:
+    """An independent forward of the EMA weights: a fresh copy, NCHW, nothing folded."""
+    plain = copy.deepcopy(mesa.teacher).to(memory_format=torch.contiguous_format).eval()
+    with torch.no_grad():
+        return plain(x.contiguous())
+
+
+def _moved_student_and_teacher(model: nn.Module, mesa: MESA, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.train()(x)  # moves the running statistics
+    mesa.update()
+
+
+@pytest.mark.parametrize("memory_format", ["auto", None, torch.channels_last])
+def test_folded_teacher_equals_the_plain_eval_forward_after_every_update(memory_format):
+    torch.manual_seed(0)
+    model = _cnn()
+    mesa = MESA(model, decay=0.5, start_epoch=0, teacher_memory_format=memory_format)
+    x = torch.randn(5, 3, 8, 8)
+    for _ in range(3):
+        _moved_student_and_teacher(model, mesa, x)
+        counter = _BatchNormCalls()
+        with counter:
+            fast = mesa.teacher_logits(x)
+        assert counter.calls == 1  # all but the BN whose input is also used elsewhere
+        torch.testing.assert_close(fast, _plain_eval_forward(mesa, x), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_memory_format_is_channels_last_for_a_cpu_cnn_only():
+    assert MESA(_cnn()).teacher_memory_format == torch.channels_last
+    assert MESA(_cnn()).teacher[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert MESA(_model()).teacher_memory_format is None
+    assert MESA(_cnn(), teacher_memory_format=None).teacher[0].weight.is_contiguous()
+    with pytest.raises(ValueError, match="teacher_memory_format"):
+        MESA(_cnn(), teacher_memory_format="channels_last")
+
+
+def test_folding_leaves_the_ema_state_and_the_term_unchanged():
+    torch.manual_seed(0)
+    model = _cnn()
+    folded = MESA(model, decay=0.5, start_epoch=0)
+    plain = MESA(model, decay=0.5, start_epoch=0, fold_batchnorm=False)
+    x = torch.randn(5, 3, 8, 8)
+    for _ in range(2):
+        _moved_student_and_teacher(model, folded, x)
+        plain.update()
+        logits = model.eval()(x)
+        torch.testing.assert_close(folded(x, logits), plain(x, logits), rtol=1e-5, atol=1e-7)
+    assert folded.teacher.state_dict().keys() == plain.teacher.state_dict().keys()
+    for a, b in zip(
+        folded.teacher.state_dict().values(), plain.teacher.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_folded_weights_follow_in_place_changes_and_loaded_state():
+    torch.manual_seed(0)
+    model = _cnn()
+    mesa = MESA(model, start_epoch=0)
+    x = torch.randn(5, 3, 8, 8)
+    mesa.teacher_logits(x)
+    with torch.no_grad():  # e.g. DistributedMESA broadcasting rank 0's teacher
+        mesa.teacher[1].running_var.mul_(4.0)
+        mesa.teacher[0].weight.neg_()
+    torch.testing.assert_close(
+        mesa.teacher_logits(x), _plain_eval_forward(mesa, x), rtol=1e-5, atol=1e-6
+    )
+    other = MESA(_cnn(), start_epoch=0)
+    other.teacher_logits(x)
+    other.load_state_dict(mesa.state_dict())
+    torch.testing.assert_close(
+        other.teacher_logits(x), mesa.teacher_logits(x), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_teacher_converted_to_another_dtype_is_folded_again():
+    torch.manual_seed(0)
+    mesa = MESA(_cnn(), start_epoch=0)
+    x = torch.randn(5, 3, 8, 8)
+    mesa.teacher_logits(x)
+    mesa.teacher.double()
+    fast = mesa.teacher_logits(x.double())
+    assert fast.dtype == torch.float64
+    torch.testing.assert_close(fast, _plain_eval_forward(mesa, x.double()), rtol=1e-12, atol=0)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        if x.sum() > 0:  # cannot be traced symbolically
+            x = -x
+        return self.bn(self.linear(x))
+
+
+class _Tokens(nn.Module):
+    """Linear on (N, L, C) then BatchNorm1d over L: not the linear layer's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.linear(x)).flatten(1)
+
+
+@pytest.mark.parametrize(("module", "shape"), [(_DataDependent, (6, 4)), (_Tokens, (6, 5, 5))])
+def test_teachers_that_cannot_be_folded_run_as_they_are(module, shape):
+    torch.manual_seed(0)
+    model = module()
+    mesa = MESA(model, decay=0.5, start_epoch=0)
+    x = torch.randn(*shape)
+    _moved_student_and_teacher(model, mesa, x)
+    torch.testing.assert_close(
+        mesa.teacher_logits(x), _plain_eval_forward(mesa, x), rtol=1e-5, atol=1e-6
+    )
