@@ -337,8 +337,9 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     out = Path(args.out or "benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.txt").write_text(text + "\n")
-    (out / "speed.json").write_text(
+    stem = f"speed_{'-'.join(args.models)}_t{args.threads}"
+    (out / f"{stem}.txt").write_text(text + "\n")
+    (out / f"{stem}.json").write_text(
         json.dumps(
             {
                 "command": command,
