@@ -366,3 +366,14 @@ def test_teachers_that_cannot_be_folded_run_as_they_are(module, shape):
     torch.testing.assert_close(
         mesa.teacher_logits(x), _plain_eval_forward(mesa, x), rtol=1e-5, atol=1e-6
     )
+
+
+def test_memory_counts_the_teacher_and_its_folded_weights():
+    model = _cnn()
+    floats = sum(t.numel() for t in [*model.parameters(), *model.buffers()]) - 4
+    teacher_bytes = 4 * floats + 8 * 4  # and the four BatchNorms' int64 num_batches_tracked
+    # Folded: the first conv (4·3·3·3), the residual's 1×1 shortcut (4·4) and the first
+    # linear layer (6·64), each with a new bias per output channel (4, 4 and 6).
+    folded_bytes = 4 * ((4 * 27 + 4) + (16 + 4) + (6 * 64 + 6))
+    assert MESA(model).memory_bytes == teacher_bytes + folded_bytes
+    assert MESA(model, fold_batchnorm=False).memory_bytes == teacher_bytes

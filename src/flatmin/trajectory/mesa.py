@@ -325,6 +325,23 @@ class _FoldedLayer(nn.Module):
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
 
+    def sources(self) -> tuple[Tensor | None, ...]:
+        """The tensors the fold reads, looked up afresh (``.to()`` may replace buffers).
+
+        Read from the modules' parameter and buffer dicts: ``nn.Module.__getattr__`` costs
+        ~1 µs a call, which adds up over a ResNet's norms at every forward.
+        """
+        layer, norm = self.layer._parameters, self.norm._parameters
+        stats = self.norm._buffers
+        return (
+            layer["weight"],
+            layer.get("bias"),
+            norm.get("weight"),
+            norm.get("bias"),
+            stats["running_mean"],
+            stats["running_var"],
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != self.batched_dim or self.weight is None:
             return self.norm(self.layer(x))
@@ -339,20 +356,15 @@ class _FoldedTeacher:
     Every module call other than the folded pairs goes to the teacher's own submodules, and
     attributes read in ``forward`` are the teacher's own tensors, so the graph always sees
     the current EMA state; only the folded weights are derived, and :meth:`__call__`
-    recomputes them when any tensor they come from has a new version.
+    recomputes them when a tensor they come from has a new version or new storage.
     """
 
     def __init__(self, graph: fx.GraphModule, units: list[_FoldedLayer], teacher: nn.Module):
         self.graph = graph
         self.units = units
-        self.identity = _identity(teacher)
-        self.sources = [
-            t
-            for u in units
-            for t in (u.layer.weight, u.layer.bias, u.norm.weight, u.norm.bias)
-            if t is not None
-        ] + [t for u in units for t in (u.norm.running_mean, u.norm.running_var)]
-        self.versions: list[int] | None = None
+        self.teacher = teacher
+        self.attributes = [n.target for n in graph.graph.nodes if n.op == "get_attr"]
+        self.key: list[tuple[int, int, int]] | None = None
 
     @classmethod
     def build(cls, teacher: nn.Module) -> _FoldedTeacher | None:
@@ -396,42 +408,54 @@ class _FoldedTeacher:
         )
 
     def matches(self, teacher: nn.Module) -> bool:
-        """Whether ``teacher`` still holds the very tensors this graph was built on."""
-        return _identity(teacher) == self.identity
+        """Whether the tensors the graph reads directly are still ``teacher``'s own.
+
+        Module calls and folds look their tensors up afresh; only ``get_attr`` reads
+        (tensors used outside a submodule call, rare) hold references that ``.to()``
+        could leave behind.
+        """
+        return teacher is self.teacher and all(
+            _attribute(self.graph, name) is _attribute(teacher, name) for name in self.attributes
+        )
 
     def __call__(self, inputs: Any) -> Any:
-        versions = [t._version for t in self.sources]
-        if versions != self.versions:
+        key = [
+            (id(t), t.data_ptr(), t._version)
+            for u in self.units
+            for t in u.sources()
+            if t is not None
+        ]
+        if key != self.key:
             self.refold()
-            self.versions = versions
+            self.key = key
         return self.graph(inputs)
 
     @torch.no_grad()
     def refold(self) -> None:
         """``W' = s·W``, ``b' = s·(b − μ) + β`` with ``s = γ/√(σ² + ε)``, for every pair."""
-        norms = [u.norm for u in self.units]
+        layers, norms = [u.layer for u in self.units], [u.norm for u in self.units]
         scales = torch._foreach_add([n.running_var for n in norms], [n.eps for n in norms])
         torch._foreach_rsqrt_(scales)
-        for scale, norm in zip(scales, norms, strict=True):
-            if norm.weight is not None:
-                scale.mul_(norm.weight)
-        for unit, scale in zip(self.units, scales, strict=True):
-            weight, bias, norm = unit.layer.weight, unit.layer.bias, unit.norm
-            shape = (-1,) + (1,) * (weight.dim() - 1)
-            folded = weight * scale.view(shape)
-            unit.weight = folded.contiguous(memory_format=_memory_format_of(weight))
-            shifted = -norm.running_mean if bias is None else bias - norm.running_mean
-            unit.bias = shifted.mul_(scale)
-            if norm.bias is not None:
-                unit.bias.add_(norm.bias)
+        affine = [i for i, n in enumerate(norms) if n.weight is not None]
+        if affine:
+            torch._foreach_mul_([scales[i] for i in affine], [norms[i].weight for i in affine])
+        weights = torch._foreach_mul(
+            [m.weight for m in layers],
+            [s.view((-1,) + (1,) * (m.weight.dim() - 1)) for s, m in zip(scales, layers)],
+        )
+        biases = [
+            -n.running_mean if m.bias is None else m.bias - n.running_mean
+            for m, n in zip(layers, norms, strict=True)
+        ]
+        torch._foreach_mul_(biases, scales)
+        if affine:
+            torch._foreach_add_([biases[i] for i in affine], [norms[i].bias for i in affine])
+        for unit, weight, bias in zip(self.units, weights, biases, strict=True):
+            dtype = unit.layer.weight.dtype  # a norm kept in float32 must not promote it
+            unit.weight, unit.bias = weight.to(dtype), bias.to(dtype)
 
 
-def _memory_format_of(weight: Tensor) -> torch.memory_format:
-    if weight.dim() == 4 and not weight.is_contiguous():
-        if weight.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-    return torch.contiguous_format
-
-
-def _identity(module: nn.Module) -> list[tuple[int, int]]:
-    return [(id(t), t.data_ptr()) for t in [*module.parameters(), *module.buffers()]]
+def _attribute(module: nn.Module, name: str) -> Any:
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
