@@ -263,10 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flatmin.distributed.train", description=__doc__.splitlines()[0]
     )
-    command.configure(parser)
-    parser.add_argument(
-        "--nproc", type=int, default=None, help="number of local processes (not under torchrun)"
-    )
+    command.configure(parser)  # includes --nproc; here it is required outside torchrun
+    parser.set_defaults(nproc=None)
     args = parser.parse_args(argv)
     try:
         config, out = command.build_config(args)
