@@ -158,10 +158,53 @@ def family_global_run(rank: int, world_size: int, out_dir: str) -> None:
     torch.save(states, Path(out_dir) / f"sam_family_global_{rank}.pt")
 
 
+FAMILY_LOCAL_STEPS, LOOKSAM_K = 4, 2
+FAMILY_LOCAL = {
+    "stablesam": lambda params: StableSAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
+    "gsam": lambda params: GSAM(params, torch.optim.SGD, rho=0.05, alpha=0.4, lr=0.1, momentum=0.9),
+    "looksam": lambda params: LookSAM(
+        params, torch.optim.SGD, rho=0.05, k=LOOKSAM_K, alpha=0.7, lr=0.1, momentum=0.9
+    ),
+}
+
+
+def family_local_run(rank: int, world_size: int, out_dir: str) -> None:
+    """StableSAM, GSAM and LookSAM with per-process ε (directions averaged) on DDP, and
+    StableSAM on a plain module; records each step's first-pass gradient."""
+    xs, ys = make_data(steps=FAMILY_LOCAL_STEPS)
+    results = {}
+    for name, wrapped in [(name, True) for name in FAMILY_LOCAL] + [("stablesam", False)]:
+        model = make_model()
+        net = DDP(model) if wrapped else model
+        opt = FAMILY_LOCAL[name](net.parameters())
+        first_grads = []
+        for step in range(FAMILY_LOCAL_STEPS):
+            x, y = shard(xs[step], rank, world_size), shard(ys[step], rank, world_size)
+            calls = []
+
+            def closure(x=x, y=y, net=net, calls=calls, seen=first_grads):
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                if not calls:
+                    seen.append(flat_grads(net))
+                calls.append(1)
+                return loss
+
+            sam_step(opt, net, closure)
+        results[name if wrapped else f"{name}_plain"] = {
+            "first_grads": first_grads,
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "method": opt.state_dict()["method"],
+            "replica_difference": max_replica_difference([*model.parameters(), *model.buffers()]),
+        }
+    torch.save(results, Path(out_dir) / f"sam_family_local_{rank}.pt")
+
+
 def all_sam_runs(rank: int, world_size: int, out_dir: str) -> None:
     """Every SAM scenario in one group, so the test module spawns processes once."""
     nonfinite_run(rank, world_size, out_dir)
     family_global_run(rank, world_size, out_dir)
+    family_local_run(rank, world_size, out_dir)
     sam_run(rank, world_size, out_dir, "local", False)
     sam_run(rank, world_size, out_dir, "global", False)
     sam_run(rank, world_size, out_dir, "global", True)

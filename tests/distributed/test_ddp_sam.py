@@ -12,8 +12,11 @@ import torch.nn.functional as F
 
 from flatmin import ESAM, GSAM, SAM, LookSAM, StableSAM
 from flatmin.distributed import first_pass, m_sharpness_step, sam_step
+from flatmin.distributed.sam import per_process_update
 from tests.distributed.ddp_workers import (
+    FAMILY_LOCAL_STEPS,
     GLOBAL_BATCH,
+    LOOKSAM_K,
     STEPS,
     make_data,
     make_model,
@@ -35,6 +38,7 @@ def runs(ddp_results):
         "sam_step": load("sam_step"),
         "nonfinite": load("sam_nonfinite"),
         "family_global": load("sam_family_global"),
+        "family_local": load("sam_family_local"),
     }
 
 
@@ -142,20 +146,47 @@ UNSAFE_PER_PROCESS = {
 }
 
 
+class UnknownGSAM(GSAM):
+    """A subclass flatmin knows nothing about: it may keep per-process state."""
+
+
 @pytest.mark.parametrize("name", sorted(UNSAFE_PER_PROCESS))
-@pytest.mark.parametrize("run_step", ["sam_step", "m_sharpness"])
-def test_per_process_epsilon_refuses_updates_that_use_g_and_changes_nothing(name, run_step):
+def test_m_sharpness_refuses_updates_that_use_g_and_changes_nothing(name):
     model = make_model()
     opt = UNSAFE_PER_PROCESS[name](model.parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     xs, ys = make_data()
     with pytest.raises(ValueError, match="perturbation='global'"):
-        if run_step == "sam_step":
-            sam_step(opt, model, lambda: F.cross_entropy(model(xs[0]), ys[0]).backward())
-        else:
-            m_sharpness_step(opt, model, F.cross_entropy, xs[0], ys[0], m=4)
+        m_sharpness_step(opt, model, F.cross_entropy, xs[0], ys[0], m=4)
     assert_states(model.state_dict(), before, exact=True)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_sam_step_refuses_an_unknown_subclass_with_per_process_epsilon():
+    model = make_model()
+    opt = UnknownGSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xs, ys = make_data()
+    with pytest.raises(ValueError, match="perturbation='global'"):
+        sam_step(opt, model, lambda: F.cross_entropy(model(xs[0]), ys[0]).backward())
+    assert_states(model.state_dict(), before, exact=True)
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.replica_mean is None
+
+
+@pytest.mark.parametrize(
+    ("make", "form"),
+    [
+        (lambda ps: SAM(ps, torch.optim.SGD, lr=0.1), "gradient"),
+        (lambda ps: ESAM(ps, torch.optim.SGD, lr=0.1), "gradient"),
+        (lambda ps: SAM(ps, torch.optim.SGD, lr=0.1, stable=True), "direction"),
+        (lambda ps: StableSAM(ps, torch.optim.SGD, lr=0.1), "direction"),
+        (lambda ps: GSAM(ps, torch.optim.SGD, lr=0.1), "direction"),
+        (lambda ps: LookSAM(ps, torch.optim.SGD, lr=0.1), "direction"),
+    ],
+)
+def test_per_process_update_form(make, form):
+    assert per_process_update(make(make_model().parameters())) == form
 
 
 def test_esam_is_accepted_with_per_process_epsilon():
@@ -192,11 +223,12 @@ def test_sam_step_runs_looksam_reuse_steps_with_one_pass():
     assert len(passes) == 2 * (2 + 1 + 2 + 1 + 2)  # k = 2: steps 1 and 3 reuse, one pass each
 
 
-def test_sam_step_on_one_process_is_sam_step_bit_for_bit():
-    xs, ys = make_data()
+@pytest.mark.parametrize("optimizer", [SAM, StableSAM, GSAM, LookSAM])
+def test_sam_step_on_one_process_is_sam_step_bit_for_bit(optimizer):
+    xs, ys = make_data(steps=4)
     models = [make_model(), make_model()]
-    opts = [SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9) for m in models]
-    for step in range(STEPS):
+    opts = [optimizer(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9) for m in models]
+    for step in range(4):
 
         def closure(model, step=step):
             loss = F.cross_entropy(model(xs[step]), ys[step])
@@ -241,3 +273,93 @@ def test_sam_step_rejects_unknown_options(options, match):
         sam_step(opt, model, lambda: None, **options)
     with pytest.raises(ValueError, match=match), first_pass(model, **options):
         pass
+
+
+# -- per-process ε for updates that use g: directions averaged --------------------------
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def shard_gradient(model, x, y):
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    return flat(p.grad for p in model.parameters())
+
+
+def shard_direction(name, model, x, y, g_v):
+    """This shard's direction and its g_v term, from the papers' formulas (SGD step aside)."""
+    params = list(model.parameters())
+    w = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    g = shard_gradient(model, x, y)
+    stats = [b.clone() for b in model.buffers()]
+    if name == "looksam" and g_v is not None:  # a reuse step
+        return g + 0.7 * g.norm() / g_v.norm() * g_v, None, stats
+    torch.nn.utils.vector_to_parameters(w + 0.05 * g / g.norm(), params)
+    g_s = shard_gradient(model, x, y)
+    torch.nn.utils.vector_to_parameters(w, params)
+    if name == "stablesam":
+        return g.norm() / g_s.norm() * g_s, None, stats
+    if name == "gsam":
+        g_perp = g - g.dot(g_s) / g_s.dot(g_s) * g_s
+        return g_s - 0.4 * g_perp, None, stats
+    return g_s, g_s - g.dot(g_s) / g.dot(g) * g, stats
+
+
+def averaged_direction_run(name):
+    """One process: each step, every shard's direction from the same w and statistics,
+    their mean as the SGD gradient, the running statistics averaged over the shards."""
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    xs, ys = make_data(steps=FAMILY_LOCAL_STEPS)
+    g_v = None
+    for step in range(FAMILY_LOCAL_STEPS):
+        start = [b.clone() for b in model.buffers()]
+        reused = g_v if step % LOOKSAM_K else None
+        directions, g_vs, stats = [], [], []
+        for r in range(WORLD):
+            with torch.no_grad():
+                for b, s in zip(model.buffers(), start):
+                    b.copy_(s)
+            x, y = shard(xs[step], r, WORLD), shard(ys[step], r, WORLD)
+            d, shard_g_v, shard_stats = shard_direction(name, model, x, y, reused)
+            directions.append(d)
+            g_vs.append(shard_g_v)
+            stats.append(shard_stats)
+        if reused is None and name == "looksam":
+            g_v = torch.stack(g_vs).mean(dim=0)
+        with torch.no_grad():
+            for i, b in enumerate(model.buffers()):
+                b.copy_(torch.stack([s[i] for s in stats]).float().mean(dim=0).to(b.dtype))
+        mean = torch.stack(directions).mean(dim=0)
+        for p, d in zip(model.parameters(), mean.split([p.numel() for p in model.parameters()])):
+            p.grad = d.view_as(p).clone()
+        base.step()
+    return model.state_dict(), g_v
+
+
+@pytest.mark.parametrize("name", ["stablesam", "gsam", "looksam", "stablesam_plain"])
+def test_per_process_directions_keep_replicas_identical(runs, name):
+    rank0, rank1 = (run[name] for run in runs["family_local"])
+    assert_states(rank0["state"], rank1["state"], exact=True)
+    assert rank0["replica_difference"] == rank1["replica_difference"] == 0.0
+    for step in range(FAMILY_LOCAL_STEPS):  # each process perturbed with its own gradient
+        assert not torch.allclose(rank0["first_grads"][step], rank1["first_grads"][step])
+
+
+@pytest.mark.parametrize("name", ["stablesam", "gsam", "looksam", "stablesam_plain"])
+def test_per_process_directions_equal_one_process_averaging_shard_directions(runs, name):
+    expected, g_v = averaged_direction_run(name.removesuffix("_plain"))
+    for run in runs["family_local"]:
+        assert_states(run[name]["state"], expected, exact=False)
+    if g_v is not None:
+        for run in runs["family_local"]:
+            torch.testing.assert_close(flat(run[name]["method"]["g_v"]), g_v)
+
+
+def test_looksam_keeps_the_same_reused_direction_on_every_process(runs):
+    rank0, rank1 = (run["looksam"]["method"] for run in runs["family_local"])
+    assert rank0["steps_done"] == rank1["steps_done"] == FAMILY_LOCAL_STEPS
+    assert torch.equal(flat(rank0["g_v"]), flat(rank1["g_v"]))
+    assert torch.equal(rank0["g_v_norm"], rank1["g_v_norm"])

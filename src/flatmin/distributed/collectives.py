@@ -1,7 +1,8 @@
 """The few collectives data-parallel training needs, each over a whole list at once.
 
 * :func:`average_gradients` — ``g ← (1/W)·Σ_r g_r`` for parameters of a module that is
-  not wrapped in ``DistributedDataParallel`` (one all-reduce per device and dtype).
+  not wrapped in ``DistributedDataParallel`` (one all-reduce per device and dtype);
+  :func:`average_tensors` — the same for any list of tensors.
 * :func:`sync_norm_statistics` — make BatchNorm running statistics equal on every rank,
   by their mean over ranks or by rank 0's copy.
 * :func:`reduce_metrics` — average (or sum) a dict of logged numbers across ranks.
@@ -50,6 +51,15 @@ def _all_reduce_mean_(tensors: list[Tensor], group: ProcessGroup) -> None:
         torch._foreach_copy_(
             same, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in same]), same)]
         )
+
+
+def average_tensors(tensors: list[Tensor], group: ProcessGroup = None) -> None:
+    """Replace each tensor, in place, by its mean over the ranks of ``group``.
+
+    Every rank must pass tensors of the same shapes, dtypes and order. One flat
+    all-reduce per device and dtype; no host synchronization.
+    """
+    _all_reduce_mean_(list(tensors), group)
 
 
 def average_gradients(parameters: Iterable[Tensor], group: ProcessGroup = None) -> None:

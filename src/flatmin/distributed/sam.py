@@ -41,15 +41,32 @@ the result equals one process running the m-sharpness step with the same sub-bat
 ``"broadcast"``: rank 0's, DDP's own rule; ``"none"``: DDP's behaviour unchanged). With
 ``"mean"`` DDP's broadcast becomes a no-op; pass ``broadcast_buffers=False`` to save it.
 
-**Which optimizers.** With per-process ε the update must not depend on the first-pass
-gradient, which differs between processes after the second pass has averaged ``g_s``:
-SAM, ASAM (both forms), USAM and ESAM qualify. StableSAM's ``γ = ‖g‖/‖g_s‖``, GSAM's
-projection and LookSAM's reuse steps would combine a local ``g`` with averaged
-quantities and let the weights of the processes drift apart; they are refused in local
-mode (:func:`check_rank_independent_update`) and run correctly with
-``perturbation="global"``. A per-process form of them would need the SAM engine to
-average the *final* direction, after its own transformation and before clipping and
-the base step.
+**Which optimizers.** SAM, ASAM (both forms), USAM and ESAM update with the surrogate
+gradient itself, so DDP's average of ``g_s`` in the second backward is all they need.
+StableSAM, GSAM and LookSAM transform ``g_s`` with the first-pass gradient ``g``, which
+under per-process ε is each process's own ``g_r``; averaging ``g_s`` alone would pair
+it with a local ``g_r`` and let the replicas drift apart. For them :func:`sam_step`
+runs *both* passes without gradient synchronization, lets each process compute its
+own direction and averages only that final direction — before clipping and the base
+step — through the engine's :attr:`~flatmin.optim.sam.SAM.replica_mean` hook:
+
+.. math::
+
+    d_r = γ_r\,g_{s,r},\ γ_r = \frac{\lVert g_r\rVert}{\lVert g_{s,r}\rVert}
+    \ \text{(StableSAM)},\qquad
+    d_r = g_{s,r} − α\,g_{⊥,r} \ \text{(GSAM)},\qquad
+    w ← \mathrm{base\_step}\Big(w, \frac1W \sum_r d_r\Big)
+
+with ``g_⊥,r = g_r − (⟨g_r,g_s,r⟩/‖g_s,r‖²)·g_s,r`` (one gradient-sized all-reduce
+per step, as for SAM; DDP synchronizes no backward here, so it broadcasts buffers
+only at the very first forward, and ``statistics="none"`` leaves them per-rank). LookSAM's full steps update with ``g_s`` and keep
+the mean over processes of their ``g_v,r = g_s,r − (⟨g_r,g_s,r⟩/‖g_r‖²)·g_r``, so its
+persistent state stays identical on every process (rank 0's checkpoint resumes all);
+its reuse steps average ``g_r + α(‖g_r‖/‖g_v‖)·g_v`` (a full step costs a second
+all-reduce, for ``g_v``). :func:`per_process_update` says
+which form an optimizer takes. The explicit :func:`first_pass` loop above is the
+averaged-gradient form only; :func:`check_rank_independent_update` tells it apart.
+``perturbation="global"`` runs every optimizer with the averaged ``g`` instead.
 """
 
 from __future__ import annotations
@@ -69,6 +86,7 @@ from flatmin.distributed.collectives import (
     ProcessGroup,
     StatisticsSync,
     average_gradients,
+    average_tensors,
     sync_norm_statistics,
     world_size,
 )
@@ -135,14 +153,16 @@ def _per_process_safe_types() -> tuple[type, ...]:
 
 
 def check_rank_independent_update(optimizer: Optimizer) -> None:
-    """Raise a ValueError unless ``optimizer``'s update is safe under per-process ε.
+    """Raise a ValueError unless averaging ``g_s`` alone is right under per-process ε.
 
     Safe: the update is the averaged surrogate gradient itself — SAM, ASAM (both forms),
     USAM and ESAM without StableSAM's renormalization. Not safe: StableSAM
     (``γ = ‖g‖/‖g_s‖``), GSAM (projection on ``g``) and LookSAM (reuse steps update with
-    ``g``), whose local first-pass gradient would make the processes' updates differ. A
-    subclass can declare itself safe with the class attribute
-    ``rank_independent_update = True`` (or unsafe with ``False``).
+    ``g``), whose local first-pass gradient would make the processes' updates differ if
+    only ``g_s`` were averaged (:func:`sam_step` runs them by averaging their final
+    direction instead, see :func:`per_process_update`). A subclass can declare itself
+    safe with the class attribute ``rank_independent_update = True`` (or unsafe with
+    ``False``).
     """
     declared = getattr(type(optimizer), "rank_independent_update", None)
     safe = (
@@ -159,6 +179,45 @@ def check_rank_independent_update(optimizer: Optimizer) -> None:
             "under per-process ε; use perturbation='global' (every process perturbs with "
             "the averaged gradient)"
         )
+
+
+PerProcessUpdate = Literal["gradient", "direction"]
+
+
+def _direction_averaged_types() -> tuple[type, ...]:
+    from flatmin.optim.esam import ESAM
+    from flatmin.optim.gsam import GSAM
+    from flatmin.optim.looksam import LookSAM
+    from flatmin.optim.sam import ASAM, SAM, StableSAM
+
+    return (SAM, ASAM, ESAM, StableSAM, GSAM, LookSAM)
+
+
+def per_process_update(optimizer: Optimizer) -> PerProcessUpdate:
+    """How ``optimizer`` runs under per-process ε in :func:`sam_step`.
+
+    ``"gradient"``: the update is the averaged surrogate gradient (SAM, ASAM, USAM,
+    ESAM; see :func:`check_rank_independent_update`); DDP's second backward averages it.
+    ``"direction"``: each process turns its own ``g_r`` and ``g_s,r`` into its own
+    direction, and the directions are averaged before the base step (StableSAM, GSAM,
+    LookSAM, and SAM/ASAM/ESAM with ``stable=True``). Anything else raises a ValueError.
+    """
+    try:
+        check_rank_independent_update(optimizer)
+        return "gradient"
+    except ValueError:
+        if type(optimizer) in _direction_averaged_types():
+            return "direction"
+        raise
+
+
+@contextmanager
+def _directions_averaged(optimizer: Optimizer, group: ProcessGroup) -> Iterator[None]:
+    optimizer.replica_mean = lambda tensors: average_tensors(tensors, group)
+    try:
+        yield
+    finally:
+        optimizer.replica_mean = None
 
 
 def agree_on_nonfinite_gradients(parameters: Iterable[Tensor], group: ProcessGroup = None) -> None:
@@ -206,29 +265,36 @@ def sam_step(
     statistics frozen (only once on a step that ``first_step`` completes by itself, as
     LookSAM's reuse steps). Returns the first-pass loss of this process. If the second call
     raises, the weights are restored before the exception propagates.
+
+    With ``perturbation="local"``, optimizers whose update uses the first-pass gradient
+    (:func:`per_process_update` gives ``"direction"``) run both passes without gradient
+    synchronization and average their final direction instead of ``g_s``.
     """
     _check_options(perturbation, statistics)
     check_two_pass(optimizer)
-    if perturbation == "local":
-        check_rank_independent_update(optimizer)
+    by_direction = perturbation == "local" and per_process_update(optimizer) == "direction"
     group = _group_of(model, process_group)
+    is_ddp = isinstance(model, DistributedDataParallel)
+    averaging = _directions_averaged(optimizer, group) if by_direction else nullcontext()
     with torch.enable_grad(), first_pass(model, perturbation, statistics, group):
         loss = closure()
     if perturbation == "local" and getattr(optimizer, "skip_nonfinite", False):
         agree_on_nonfinite_gradients(model.parameters(), group)
-    optimizer.first_step(zero_grad=True)
-    if not optimizer.is_perturbed:  # a one-pass step (LookSAM's reuse steps) is complete
-        return loss
-    try:
-        with torch.enable_grad(), running_stats_frozen(model):
-            closure()
-    except BaseException:
-        optimizer.restore_weights()
-        optimizer.zero_grad()
-        raise
-    if not isinstance(model, DistributedDataParallel):
-        average_gradients(model.parameters(), group)
-    optimizer.second_step(zero_grad=True)
+    with averaging:
+        optimizer.first_step(zero_grad=True)  # LookSAM's reuse steps update here
+        if not optimizer.is_perturbed:  # a one-pass step is complete
+            return loss
+        second_sync = model.no_sync() if by_direction and is_ddp else nullcontext()
+        try:
+            with torch.enable_grad(), running_stats_frozen(model), second_sync:
+                closure()
+        except BaseException:
+            optimizer.restore_weights()
+            optimizer.zero_grad()
+            raise
+        if not is_ddp and not by_direction:
+            average_gradients(model.parameters(), group)
+        optimizer.second_step(zero_grad=True)
     return loss
 
 
@@ -239,12 +305,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "PERTURBATIONS",
+    "PerProcessUpdate",
     "Perturbation",
     "agree_on_nonfinite_gradients",
     "check_rank_independent_update",
     "check_two_pass",
     "first_pass",
     "first_pass_local",
+    "per_process_update",
     "sam_step",
     "unwrap",
 ]

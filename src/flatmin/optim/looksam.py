@@ -33,6 +33,12 @@ The step counter, ``g_v`` and ``‖g_v‖`` are LookSAM's own state and live in
 interrupted one would have. A ``g_v`` from a step with a non-finite gradient (e.g. a
 GradScaler overflow) is not kept: the previous one stays.
 
+With per-process ε under data parallelism (:func:`flatmin.distributed.sam.sam_step`)
+each process computes its own ``g_v,r`` from its own ``g_r`` and ``g_s,r``; the kept
+``g_v`` is their mean (:attr:`~flatmin.optim.sam.SAM.replica_mean`), so every process
+holds the same state and rank 0's checkpoint resumes all of them. A reuse step's
+direction ``g_r + α(‖g_r‖/‖g_v‖)g_v`` is then averaged like any final direction.
+
 Defaults: ``k = 5`` and ``alpha = 0.7`` are the paper's; ρ has no CIFAR default in the
 paper, so SAM's 0.05 is used.
 """
@@ -153,6 +159,8 @@ class LookSAM(SAM):
         for b, g in zip(buckets, clean):  # g becomes g_v in place
             torch._foreach_mul_(g, (-coef).to(b.device, g[0].dtype))
             torch._foreach_add_(g, b.grads)
+        if self.replica_mean is not None:  # per-process ε: every replica keeps the mean g_v
+            self.replica_mean([t for g_v in clean for t in g_v])
         norm = global_norm(clean, device)
         keep = torch.isfinite(norm)
         previous = self._g_v

@@ -87,6 +87,15 @@ class SAM(Optimizer):
             is not finite (costs one host synchronisation per step). With a GradScaler
             the skip is always on and free.
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, …).
+
+    Attributes:
+        replica_mean: ``None``, or a collective that replaces a list of tensors in place
+            by their mean over data-parallel replicas. When set, every gradient the base
+            step will apply is passed to it at the start of the update — after the
+            method's own transformation (StableSAM's ``γ``, GSAM's projection), before
+            clipping and the base step — so per-process directions become one shared
+            direction. :func:`flatmin.distributed.sam.sam_step` sets it for the duration
+            of a step with per-process ε; leave it ``None`` otherwise.
     """
 
     def __init__(
@@ -127,6 +136,7 @@ class SAM(Optimizer):
         self.stable_cap = stable_cap
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
+        self.replica_mean: Callable[[list[Tensor]], None] | None = None
         super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self._link_base()
@@ -218,9 +228,15 @@ class SAM(Optimizer):
 
     def _apply_update(self, buckets: list[Bucket], finite: Tensor, grad_scaler: Any) -> None:
         """Apply the base optimizer to the direction now in ``.grad`` (unscaled, clipped),
-        or skip it when ``finite`` is false; LookSAM's single-pass steps use it too."""
+        or skip it when ``finite`` is false; LookSAM's single-pass steps use it too.
+        :attr:`replica_mean` (if set) first averages that direction over replicas."""
         if grad_scaler is not None:
-            self._mark_nonfinite(buckets, finite)
+            self._mark_nonfinite(buckets, finite)  # before averaging: a NaN reaches every replica
+        if self.replica_mean is not None:
+            self.replica_mean(
+                [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            )
+        if grad_scaler is not None:
             grad_scaler.unscale_(self)
             self._clip()
             self._base_step_pending = True
