@@ -35,7 +35,13 @@ from flatmin.distributed.launch import init_from_env, spawn
 from flatmin.distributed.m_sharpness import m_sharpness_step
 from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
-from flatmin.distributed.sam import first_pass, first_pass_local, sam_step, unwrap
+from flatmin.distributed.sam import (
+    first_pass,
+    first_pass_local,
+    per_process_update,
+    sam_step,
+    unwrap,
+)
 
 __all__ = [
     "DistributedMESA",
@@ -47,6 +53,7 @@ __all__ = [
     "load_on_every_rank",
     "m_sharpness_step",
     "max_replica_difference",
+    "per_process_update",
     "reduce_metrics",
     "sam_step",
     "save_on_rank0",

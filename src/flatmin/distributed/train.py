@@ -12,10 +12,11 @@ What changes on N processes (gloo backend, CPU):
   samples per step from a ``DistributedSampler`` (shuffled by ``--seed`` and the epoch),
   so the number of steps per epoch and the learning-rate schedule are those of the
   single-process run.
-* The model runs under ``DistributedDataParallel``. SAM, ASAM, USAM and ESAM perturb
+* The model runs under ``DistributedDataParallel``. Every SAM-family method perturbs
   each process with its own ε (m-sharpness with ``m = batch_size / N``,
-  :mod:`flatmin.distributed.sam`); methods whose update uses the first-pass gradient
-  (StableSAM, GSAM, LookSAM) perturb with the averaged gradient instead. SAF's store is replicated
+  :mod:`flatmin.distributed.sam`); only the final gradient is averaged — for StableSAM,
+  GSAM and LookSAM, whose update uses the first-pass gradient, the final *direction*
+  each process computes. SAF's store is replicated
   (:mod:`flatmin.distributed.saf`), MESA's teacher kept identical
   (:mod:`flatmin.distributed.mesa`).
 * BatchNorm statistics are identical on every process before evaluation and saving;
@@ -50,7 +51,7 @@ from flatmin.distributed.collectives import (
 from flatmin.distributed.launch import init_from_env, spawn
 from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
-from flatmin.distributed.sam import check_rank_independent_update, first_pass, sam_step
+from flatmin.distributed.sam import first_pass, per_process_update, sam_step
 from flatmin.optim.bn import running_stats_frozen
 from flatmin.train import checkpoint as ckpt
 from flatmin.train.loop import TrainConfig, Trainer
@@ -139,9 +140,9 @@ def distribute_method(method: Method) -> Method:
             method.update = DistributedPerSampleUpdate()
         else:
             try:
-                check_rank_independent_update(optimizer)
+                per_process_update(optimizer)
                 method.update = DistributedTwoPassUpdate("local")
-            except ValueError:
+            except ValueError:  # a subclass flatmin does not know: the safe, averaged ε
                 method.update = DistributedTwoPassUpdate("global")
     elif type(update) is not SinglePassUpdate:
         raise TypeError(f"no distributed form is known for the update rule {type(update).__name__}")
