@@ -110,8 +110,7 @@ def m_sharpness_step(
             optimizer.restore_weights()
             optimizer.zero_grad()
     except BaseException:
-        optimizer.restore_weights()
-        optimizer.zero_grad()
+        optimizer.abandon_step()
         if buffers:
             torch._foreach_copy_(buffers, start)
         raise

@@ -239,13 +239,13 @@ def check_two_pass(optimizer: Optimizer) -> None:
     """Raise a TypeError unless ``optimizer`` has the SAM family's two-pass interface."""
     missing = [
         name
-        for name in ("first_step", "second_step", "restore_weights")
+        for name in ("first_step", "second_step", "restore_weights", "abandon_step")
         if not callable(getattr(optimizer, name, None))
     ]
     if missing or not hasattr(optimizer, "is_perturbed"):
         raise TypeError(
             "expected a two-pass optimizer of the SAM family (first_step(), second_step(), "
-            f"restore_weights(), is_perturbed), got {type(optimizer).__name__}"
+            f"restore_weights(), abandon_step(), is_perturbed), got {type(optimizer).__name__}"
         )
 
 
@@ -289,8 +289,7 @@ def sam_step(
             with torch.enable_grad(), running_stats_frozen(model), second_sync:
                 closure()
         except BaseException:
-            optimizer.restore_weights()
-            optimizer.zero_grad()
+            optimizer.abandon_step()
             raise
         if not is_ddp and not by_direction:
             average_gradients(model.parameters(), group)

@@ -113,8 +113,7 @@ class DistributedPerSampleUpdate(TwoPassUpdate):
                 else:
                     compute(False).per_sample.mean().backward()
         except BaseException:
-            optimizer.restore_weights()
-            optimizer.zero_grad()
+            optimizer.abandon_step()
             raise
         optimizer.second_step(zero_grad=True)
         return first

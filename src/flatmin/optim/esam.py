@@ -227,9 +227,7 @@ class ESAM(SAM):
                 else:
                     closure().mean().backward()
         except BaseException:
-            self.restore_weights()
-            self._clear_transient()
-            self.zero_grad()
+            self.abandon_step()
             raise
         self.second_step()
         return before.detach().mean() if per_sample else before

@@ -261,6 +261,13 @@ class SAM(Optimizer):
             torch._foreach_copy_(b.params, saved)
         self._backup = None
 
+    def abandon_step(self) -> None:
+        """Give up a step after ``first_step``: restore ``w`` exactly, forget the pass's
+        transient state and gradients; the optimizer state is as before the step."""
+        self.restore_weights()
+        self._clear_transient()
+        self.zero_grad()
+
     def step(
         self, closure: Callable[[], Tensor] | None = None, *, model: nn.Module | None = None
     ) -> Tensor | None:
@@ -289,9 +296,7 @@ class SAM(Optimizer):
                 with running_stats_frozen(model):
                     closure()
         except BaseException:
-            self.restore_weights()
-            self._clear_transient()
-            self.zero_grad()
+            self.abandon_step()
             raise
         self.second_step()
         return loss
