@@ -105,6 +105,8 @@ def test_reused_variant_reads_the_home_section(tmp_path):
     variant = Variant.of("sgd").reused_from("main")
     job = RunJob(TINY, variant, 3)
     assert job.directory(tmp_path) == tmp_path / "main" / "sgd-s3"
+    renamed = Variant.of("sgd", "sgd-lr0.1", lr=0.1).reused_from("main", "sgd")
+    assert RunJob(TINY, renamed, 2).directory(tmp_path) == tmp_path / "main" / "sgd-s2"
 
 
 def test_run_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):

@@ -59,14 +59,16 @@ class Variant:
     hyperparameters: tuple[tuple[str, Any], ...] = ()
     baseline: str = "sgd"  # label of the variant its paired difference is taken against
     home: str | None = None  # another section that holds the identical run (reused)
+    home_label: str | None = None  # its label there, if different
 
     @classmethod
     def of(cls, method: str, label: str | None = None, baseline: str = "sgd", **hp: Any) -> Variant:
         return cls(label or method, method, tuple(sorted(hp.items())), baseline)
 
-    def reused_from(self, section: str) -> Variant:
-        """This variant, with its runs read from (and trained in) ``section``."""
-        return dataclasses.replace(self, home=section)
+    def reused_from(self, section: str, label: str | None = None) -> Variant:
+        """This variant, with its runs read from (and trained in) ``section``, where it is
+        called ``label`` (default: its own label); the configurations must be identical."""
+        return dataclasses.replace(self, home=section, home_label=label)
 
 
 @dataclass(frozen=True)
@@ -122,15 +124,17 @@ def _sensitivity_variants() -> tuple[Variant, ...]:
     )
 
 
-def _lr_sweep_variants(lrs: Sequence[float]) -> tuple[Variant, ...]:
+def _lr_sweep_variants(lrs: Sequence[float], main: str | None = None) -> tuple[Variant, ...]:
+    """SGD, SAM and StableSAM at each learning rate; lr = 0.1 (the default) reuses the
+    runs of the section ``main`` if given."""
     out = []
     for lr in lrs:
         base = f"sgd-lr{lr:g}"
-        out += [
-            Variant.of("sgd", base, baseline=base, lr=lr),
-            Variant.of("sam", f"sam-lr{lr:g}", baseline=base, lr=lr),
-            Variant.of("stablesam", f"stablesam-lr{lr:g}", baseline=base, lr=lr),
-        ]
+        for method in ("sgd", "sam", "stablesam"):
+            variant = Variant.of(method, f"{method}-lr{lr:g}", baseline=base, lr=lr)
+            if main is not None and lr == 0.1:
+                variant = variant.reused_from(main, method)
+            out.append(variant)
     return tuple(out)
 
 
@@ -174,7 +178,7 @@ def _quick() -> tuple[Section, ...]:
         Section(
             "mnist1d-lr-sweep",
             "MNIST-1D 40 % noise: SGD / SAM / StableSAM over the learning rate",
-            variants=_lr_sweep_variants((0.01, 0.03, 0.3, 1.0)),
+            variants=_lr_sweep_variants((0.01, 0.03, 0.1, 0.3, 0.5, 1.0), "mnist1d-noise40"),
             seeds=three,
             **m1d,
         ),
@@ -232,7 +236,7 @@ def _full() -> tuple[Section, ...]:
         Section(
             "mnist1d-lr-sweep",
             "MNIST-1D 40 % noise: SGD / SAM / StableSAM over the learning rate",
-            variants=_lr_sweep_variants((0.01, 0.03, 0.1, 0.3, 1.0)),
+            variants=_lr_sweep_variants((0.01, 0.03, 0.1, 0.3, 0.5, 1.0), "mnist1d-noise40"),
             seeds=five,
             **m1d,
         ),
@@ -273,7 +277,8 @@ class RunJob:
         return f"{self.variant.label}-s{self.seed}"
 
     def directory(self, root: Path) -> Path:
-        return root / (self.variant.home or self.section.name) / self.name
+        v = self.variant
+        return root / (v.home or self.section.name) / f"{v.home_label or v.label}-s{self.seed}"
 
     def config(self, threads: int | None, epochs: int | None = None) -> Any:
         from flatmin.train.loop import TrainConfig
