@@ -116,8 +116,11 @@ def load_run(run_dir: Path) -> tuple[Any, tuple[Any, Any]]:
     return model, (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
 
 
-def plot_noise_and_surfaces(section_dir: Path, out: Path, steps: int = 21) -> list[Path]:
-    """``noise_curve.png`` and ``loss_surface.png`` from the seed-0 run of each method."""
+def plot_noise_and_surfaces(
+    section_dir: Path, out: Path, steps: int = 21, prefix: str = ""
+) -> list[Path]:
+    """``noise_curve.png`` and ``loss_surface.png`` (after ``prefix``) from the seed-0 run
+    of each method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +164,7 @@ def plot_noise_and_surfaces(section_dir: Path, out: Path, steps: int = 21) -> li
         fontsize=10,
     )
     fig.tight_layout()
-    noise_path = out / "noise_curve.png"
+    noise_path = out / f"{prefix}noise_curve.png"
     fig.savefig(noise_path)
     plt.close(fig)
 
@@ -181,7 +184,7 @@ def plot_noise_and_surfaces(section_dir: Path, out: Path, steps: int = 21) -> li
     axes[0].set_ylabel("β (direction 2)")
     fig.colorbar(filled, ax=axes.tolist(), shrink=0.85, label="training loss")
     fig.suptitle("2-D loss surfaces, filter-normalized Gaussian directions (seed 0)", fontsize=10)
-    surface_path = out / "loss_surface.png"
+    surface_path = out / f"{prefix}loss_surface.png"
     fig.savefig(surface_path, bbox_inches="tight")
     plt.close(fig)
 
@@ -197,7 +200,9 @@ def plot_noise_and_surfaces(section_dir: Path, out: Path, steps: int = 21) -> li
         for m, r in noise.items()
     }
     (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / "figures_measurements.json").write_text(json.dumps(summary, indent=1))
+    (out / "results" / f"{prefix}figures_measurements.json").write_text(
+        json.dumps(summary, indent=1)
+    )
     return [noise_path, surface_path]
 
 
@@ -212,6 +217,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         "--section", default="mnist1d-noise40", help="which section to draw (default: MNIST-1D)"
     )
     group.add_argument("--surface-steps", type=int, default=21, help="grid points per axis")
+    group.add_argument("--prefix", default="", help="prefix of the file names (e.g. 'fmnist_')")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -225,11 +231,11 @@ def run(args: argparse.Namespace) -> int:
     paths = [
         plot_per_epoch(section_dir, "train_loss", "training loss (noisy labels)",
                        f"Training loss per epoch ({args.section}; mean ± std over seeds)",
-                       out / "train_loss.png"),
+                       out / f"{args.prefix}train_loss.png"),
         plot_per_epoch(section_dir, "sharpness", "SAM sharpness L(w+ε) − L(w), ρ = 0.05",
                        f"SAM sharpness per epoch ({args.section}; fixed batch of 128)",
-                       out / "sharpness_per_epoch.png"),
-        *plot_noise_and_surfaces(section_dir, out, args.surface_steps),
+                       out / f"{args.prefix}sharpness_per_epoch.png"),
+        *plot_noise_and_surfaces(section_dir, out, args.surface_steps, args.prefix),
     ]  # fmt: skip
     for path in paths:
         print(path)
