@@ -16,7 +16,11 @@ from types import ModuleType
 
 # name → module; a new benchmark is one line here plus its module.
 PRESETS: dict[str, str] = {"demo": "flatmin.bench.demo"}
-MODES: dict[str, str] = {"speed": "flatmin.bench.speed", "accuracy": "flatmin.bench.accuracy"}
+MODES: dict[str, str] = {
+    "speed": "flatmin.bench.speed",
+    "accuracy": "flatmin.bench.accuracy",
+    "figures": "flatmin.bench.figures",
+}
 
 
 def _load(name: str) -> ModuleType:
