@@ -21,7 +21,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   if [ -d "$WHEELS" ]; then
     "${PIP[@]}" install --find-links "$WHEELS" "torch==2.13.0"
   else
-    "${PIP[@]}" install --index-url https://download.pytorch.org/whl/cpu "torch>=2.1"
+    "${PIP[@]}" install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"
   fi
 fi
 "${PIP[@]}" install -e ".[all]"
