@@ -149,21 +149,15 @@ def study(name: str) -> tuple[Section, ...]:
     return STUDIES[name]()
 
 
-def _quick() -> tuple[Section, ...]:
-    five, three = (0, 1, 2, 3, 4), (0, 1, 2)
-    m1d = {"dataset": "mnist1d", "model": "cnn1d", "label_noise": 0.4, "epochs": 60}
-    # Fashion-MNIST: an MLP on a 10k-sample subset (test: a 10k subset too) fits the
-    # 2-hour budget; SAF/MESA start after 3 of 30 epochs, SAF's lag is 2 (paper: 5 and 3
-    # out of 200), i.e. the same early fraction of the run. The search sections (SGD vs
-    # SAM, 10 and 30 epochs, ρ ∈ {0.05, 0.1, 0.2}) found SGD fitting the noisy labels by
-    # epoch 30 (74 % test) while SAM held 79–83 %; 10 epochs did not separate them. The
-    # noisy section uses ρ = 0.1, the SAM paper's value for 20–60 % label noise.
-    fm = {"dataset": "fashion-mnist", "model": "mlp", "subset": 10_000, "epochs": 30}
-    short = {"start_epoch": 3, "lag_epochs": 2}
+def _mnist1d_sections(epochs: int, sweep_seeds: tuple[int, ...]) -> tuple[Section, ...]:
+    """The three MNIST-1D (40 % label noise) sections both presets run: the core
+    methods, the SAF/MESA sensitivity and the learning-rate sweep (on ``sweep_seeds``)."""
+    five = (0, 1, 2, 3, 4)
+    m1d = {"dataset": "mnist1d", "model": "cnn1d", "label_noise": 0.4, "epochs": epochs}
     return (
         Section(
             "mnist1d-noise40",
-            "MNIST-1D, 40 % label noise, 60 epochs",
+            f"MNIST-1D, 40 % label noise, {epochs} epochs",
             variants=_core_variants(),
             seeds=five,
             **m1d,
@@ -179,9 +173,24 @@ def _quick() -> tuple[Section, ...]:
             "mnist1d-lr-sweep",
             "MNIST-1D 40 % noise: SGD / SAM / StableSAM over the learning rate",
             variants=_lr_sweep_variants((0.01, 0.03, 0.1, 0.3, 0.5, 1.0), "mnist1d-noise40"),
-            seeds=three,
+            seeds=sweep_seeds,
             **m1d,
         ),
+    )
+
+
+def _quick() -> tuple[Section, ...]:
+    five, three = (0, 1, 2, 3, 4), (0, 1, 2)
+    # Fashion-MNIST: an MLP on a 10k-sample subset (test: a 10k subset too) fits the
+    # 2-hour budget; SAF/MESA start after 3 of 30 epochs, SAF's lag is 2 (paper: 5 and 3
+    # out of 200), i.e. the same early fraction of the run. The search sections (SGD vs
+    # SAM, 10 and 30 epochs, ρ ∈ {0.05, 0.1, 0.2}) found SGD fitting the noisy labels by
+    # epoch 30 (74 % test) while SAM held 79–83 %; 10 epochs did not separate them. The
+    # noisy section uses ρ = 0.1, the SAM paper's value for 20–60 % label noise.
+    fm = {"dataset": "fashion-mnist", "model": "mlp", "subset": 10_000, "epochs": 30}
+    short = {"start_epoch": 3, "lag_epochs": 2}
+    return (
+        *_mnist1d_sections(epochs=60, sweep_seeds=three),
         Section(
             "fmnist-search",
             "Fashion-MNIST 40 % noise: budget × ρ search (SGD vs SAM)",
@@ -216,30 +225,9 @@ def _quick() -> tuple[Section, ...]:
 
 def _full() -> tuple[Section, ...]:
     five = (0, 1, 2, 3, 4)
-    m1d = {"dataset": "mnist1d", "model": "cnn1d", "label_noise": 0.4, "epochs": 100}
     fm = {"dataset": "fashion-mnist", "model": "cnn", "epochs": 60}
     return (
-        Section(
-            "mnist1d-noise40",
-            "MNIST-1D, 40 % label noise, 100 epochs",
-            variants=_core_variants(),
-            seeds=five,
-            **m1d,
-        ),
-        Section(
-            "mnist1d-sensitivity",
-            "MNIST-1D 40 % noise: SAF λ, Ẽ and MESA decay",
-            variants=_sensitivity_variants(),
-            seeds=five,
-            **m1d,
-        ),
-        Section(
-            "mnist1d-lr-sweep",
-            "MNIST-1D 40 % noise: SGD / SAM / StableSAM over the learning rate",
-            variants=_lr_sweep_variants((0.01, 0.03, 0.1, 0.3, 0.5, 1.0), "mnist1d-noise40"),
-            seeds=five,
-            **m1d,
-        ),
+        *_mnist1d_sections(epochs=100, sweep_seeds=five),
         Section(
             "fmnist-clean",
             "Fashion-MNIST clean (BN CNN, 60 epochs)",
