@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from flatmin.trajectory._state import require_keys
 from flatmin.trajectory.kl import tempered_kl, zero_term
 
 MemoryFormatChoice = torch.memory_format | Literal["auto"] | None
@@ -237,11 +238,7 @@ class MESA:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s contents (the teacher must have the same layout)."""
-        missing = _STATE_KEYS - state.keys()
-        if missing:
-            raise ValueError(
-                f"expected a MESA state with keys {sorted(_STATE_KEYS)}; missing {sorted(missing)}"
-            )
+        require_keys(state, _STATE_KEYS, "MESA")
         self.teacher.load_state_dict(state["teacher"])
         self.num_updates = int(state["num_updates"])
         self.epoch = int(state["epoch"])

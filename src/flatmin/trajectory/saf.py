@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatmin.trajectory._state import require_keys
 from flatmin.trajectory.kl import tempered_kl, zero_term
 from flatmin.trajectory.logit_store import LogitStore
 
@@ -192,11 +193,7 @@ class SAF:
 
         Everything is checked before anything is changed.
         """
-        missing = _STATE_KEYS - state.keys()
-        if missing:
-            raise ValueError(
-                f"expected a SAF state with keys {sorted(_STATE_KEYS)}; missing {sorted(missing)}"
-            )
+        require_keys(state, _STATE_KEYS, "SAF")
         if state["lag_epochs"] != self.lag_epochs:
             raise ValueError(
                 f"expected a state with lag_epochs={self.lag_epochs}, got {state['lag_epochs']}"
