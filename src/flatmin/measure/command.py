@@ -168,50 +168,36 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         **common,
         "plots": [],
     }
+
+    def on_data(measurement: Callable[..., Any], label: str, **options: Any) -> Any:
+        """Run ``measurement`` on the model and loader with the shared options."""
+        return measurement(model, loss_fn, loader, progress=_progress(label), **options, **common)
+
     if args.sharpness:
-        summary["sharpness"] = sam_sharpness(
-            model,
-            loss_fn,
-            loader,
-            rho=args.rho,
-            m=args.m,
-            steps=args.ascent_steps,
-            progress=_progress("sharpness"),
-            **common,
+        summary["sharpness"] = on_data(
+            sam_sharpness, "sharpness", rho=args.rho, m=args.m, steps=args.ascent_steps
         )
     if args.hessian:
-        summary["hessian"] = hessian_eigenvalues(
-            model,
-            loss_fn,
-            loader,
+        summary["hessian"] = on_data(
+            hessian_eigenvalues,
+            "lanczos",
             k=args.top_k,
             max_iter=args.max_iter,
             tol=args.tol,
             seed=args.seed,
-            progress=_progress("lanczos"),
-            **common,
         )
     if args.trace:
-        summary["trace"] = hessian_trace(
-            model,
-            loss_fn,
-            loader,
-            num_queries=args.trace_queries,
-            seed=args.seed,
-            progress=_progress("trace"),
-            **common,
+        summary["trace"] = on_data(
+            hessian_trace, "trace", num_queries=args.trace_queries, seed=args.seed
         )
     if args.landscape:
-        result = loss_landscape(
-            model,
-            loss_fn,
-            loader,
+        result = on_data(
+            loss_landscape,
+            f"landscape {args.landscape}",
             dims=int(args.landscape[0]),
             steps=args.steps,
             span=args.span,
             seed=args.seed,
-            progress=_progress(f"landscape {args.landscape}"),
-            **common,
         )
         summary["landscape"] = result
         if result.dims == 1:
@@ -223,15 +209,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             ]
         summary["plots"] += [p.name for p in paths]
     if args.noise:
-        result = gaussian_noise_curve(
-            model,
-            loss_fn,
-            loader,
+        result = on_data(
+            gaussian_noise_curve,
+            "noise",
             scales=args.noise_scales,
             repeats=args.noise_repeats,
             seed=args.seed,
-            progress=_progress("noise"),
-            **common,
         )
         summary["noise"] = result
         summary["plots"].append(plots.plot_noise_curve(result, out / "noise.png").name)
