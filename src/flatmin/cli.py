@@ -22,7 +22,9 @@ _COMMANDS = {
 
 
 def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, object | None]:
-    parser = argparse.ArgumentParser(prog="flatmin", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="flatmin", description=__doc__.splitlines()[0].replace("``", "")
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     module = None
