@@ -137,11 +137,12 @@ class LogitStore:
                 f"expected indices of shape ({batch},) to match logits {tuple(logits.shape)}, "
                 f"got {tuple(indices.shape)}"
             )
-        if batch and (int(indices.min()) < 0 or int(indices.max()) >= self.num_samples):
-            raise ValueError(
-                f"expected indices in [0, {self.num_samples}), got values in "
-                f"[{int(indices.min())}, {int(indices.max())}]"
-            )
+        if batch:
+            low, high = _index_range(indices)
+            if low < 0 or high >= self.num_samples:
+                raise ValueError(
+                    f"expected indices in [0, {self.num_samples}), got values in [{low}, {high}]"
+                )
 
     def exchange(
         self, logits: Tensor, indices: Tensor, epoch: int, record: bool = True
@@ -161,19 +162,26 @@ class LogitStore:
         self.check_batch(logits, indices)
         slot = epoch % self.num_slots
         table, epochs = self.logits[slot], self.written_epoch[slot]
-        idx = indices.to(device=self.device, dtype=torch.long)
+        idx = _as_long_on(indices, self.device)
         old_rows = table.index_select(0, idx)
         old_epochs = epochs.index_select(0, idx)
-        first = _first_occurrence(idx)
-        is_first = first == torch.arange(idx.numel(), device=idx.device)
-        valid = (old_epochs == epoch - self.num_slots) & is_first
-        new_rows = logits.detach().to(device=self.device, dtype=self.dtype)
-        finite = torch.isfinite(new_rows).all(dim=1)
-        skipped = (~finite).sum()
+        valid = old_epochs == epoch - self.num_slots
+        # A CPU store checks on the host that the batch has no repeated index (the usual
+        # case), which spares the sort that finds each row's first occurrence.
+        first = None
+        if self.device.type != "cpu" or not _unique_on_host(idx):
+            first = _first_occurrence(idx)
+            valid &= first == torch.arange(idx.numel(), device=idx.device)
+        new_rows = _as_dtype_on(logits.detach(), self.dtype, self.device)
+        # x·0 is 0 for a finite x and NaN otherwise, so a row sums to 0 iff it is finite.
+        finite = new_rows.mul(0).sum(dim=1) == 0
+        skipped = finite.logical_not().sum()
         if record:
-            writable = (finite & (old_epochs != epoch))[first]
-            rows = torch.where(writable[:, None], new_rows[first], old_rows)
-            stamps = torch.where(writable, old_epochs.new_full((), epoch), old_epochs)
+            writable = finite & (old_epochs != epoch)
+            if first is not None:
+                writable, new_rows = writable[first], new_rows[first]
+            rows = torch.where(writable[:, None], new_rows, old_rows)
+            stamps = torch.where(writable, epoch, old_epochs)
             # Duplicate indices carry identical rows, so the order of the copies is moot.
             table.index_copy_(0, idx, rows)
             epochs.index_copy_(0, idx, stamps)
@@ -218,6 +226,35 @@ def _first_occurrence(idx: Tensor) -> Tensor:
     first = torch.empty_like(order)
     first[order] = order[group_start]
     return first
+
+
+def _index_range(indices: Tensor) -> tuple[int, int]:
+    """The smallest and largest index (one host read; numpy's for a CPU tensor)."""
+    if indices.device.type == "cpu":
+        values = indices.numpy()
+        return int(values.min()), int(values.max())
+    low, high = torch.aminmax(indices)
+    return int(low), int(high)
+
+
+def _unique_on_host(idx: Tensor) -> bool:
+    """Whether the CPU tensor ``idx`` holds no value twice (sorted on the host by numpy)."""
+    ordered = np.sort(idx.numpy())
+    return not np.any(ordered[1:] == ordered[:-1])
+
+
+def _as_long_on(indices: Tensor, device: torch.device) -> Tensor:
+    """``indices`` as int64 on ``device``, without a dispatch when it already is."""
+    if indices.dtype == torch.long and indices.device == device:
+        return indices
+    return indices.to(device=device, dtype=torch.long)
+
+
+def _as_dtype_on(values: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` in ``dtype`` on ``device``, without a dispatch when it already is."""
+    if values.dtype == dtype and values.device == device:
+        return values
+    return values.to(device=device, dtype=dtype)
 
 
 def _describe(value: object) -> str:

@@ -165,13 +165,13 @@ class SAF:
         else:
             exchange = self.store.exchange(logits, indices, self.epoch, record=record)
             self._note_skips(exchange.skipped)
-            targets = exchange.targets.to(logits.device, non_blocking=True)
-            valid = exchange.valid.to(logits.device, non_blocking=True)
+            targets = _on_device(exchange.targets, logits.device)
+            valid = _on_device(exchange.valid, logits.device)
             if record:
                 self._last = _LastBatch(indices, targets, valid)
         if not self.active or self.lam == 0:
             return zero_term(logits)
-        return self.lam * tempered_kl(logits, targets, self.tau, valid)
+        return tempered_kl(logits, targets, self.tau, valid, weight=self.lam)
 
     def state_dict(self) -> dict[str, Any]:
         """Store contents, the epochs that wrote them, the current epoch and the settings.
@@ -249,6 +249,13 @@ class _LastBatch:
             and indices.device == self.indices.device
             and torch.equal(indices, self.indices)
         )
+
+
+def _on_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device`` (copied without blocking), with no dispatch if it is there."""
+    if tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=True)
 
 
 def _warn_skips(count: int) -> None:
