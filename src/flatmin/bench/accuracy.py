@@ -394,17 +394,8 @@ def measure_final(trainer: Any, samples: int = MEASURE_SAMPLES) -> dict[str, Any
     from torch.nn import functional as F
 
     from flatmin.measure import hessian_eigenvalues, sam_sharpness
-    from flatmin.train.data import load_dataset
 
-    config = trainer.config
-    bundle = load_dataset(
-        config.dataset,
-        config.data_dir,
-        seed=config.seed,
-        label_noise=config.label_noise,
-        subset=config.subset,
-        augment=False,
-    )
+    bundle = trainer.config.load_data(augment=False)
     n = min(samples, len(bundle.train))
     items = bundle.train.__getitems__(list(range(n)))
     batch = (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))

@@ -117,6 +117,21 @@ class TrainConfig:
             hyperparameters=spec.resolve(self.hyperparameters),
         )
 
+    def load_data(self, *, augment: bool | None = None) -> Any:
+        """The run's :class:`~flatmin.train.data.DatasetBundle`, split and noised exactly as
+        training sees it; ``augment`` overrides the configuration (``False`` to measure)."""
+        from flatmin.train.data import load_dataset
+
+        return load_dataset(
+            self.dataset,
+            self.data_dir,
+            seed=self.seed,
+            label_noise=self.label_noise,
+            val_fraction=self.val_fraction,
+            augment=self.augment if augment is None else augment,
+            subset=self.subset,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The flat form stored in checkpoints and ``config.json``: the method's
         hyperparameters sit beside the run's own settings."""
@@ -355,20 +370,12 @@ class Trainer:
     def _build(self) -> _Run:
         """Data, model, method, loaders and schedule, each seeded from ``config.seed``."""
         from flatmin.data import WithIndex
-        from flatmin.train.data import load_dataset, make_loader
+        from flatmin.train.data import make_loader
         from flatmin.train.models import build_model
 
         config = self.config
         seed_everything(config.seed)
-        bundle = load_dataset(
-            config.dataset,
-            config.data_dir,
-            seed=config.seed,
-            label_noise=config.label_noise,
-            val_fraction=config.val_fraction,
-            augment=config.augment,
-            subset=config.subset,
-        )
+        bundle = config.load_data()
         seed_everything(config.seed)  # the model's initial weights do not depend on the data
         model = build_model(config.model, bundle.num_classes, bundle.input_shape)
         method = get_method(config.method).create(
