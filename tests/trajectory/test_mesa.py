@@ -377,3 +377,43 @@ def test_memory_counts_the_teacher_and_its_folded_weights():
     folded_bytes = 4 * ((4 * 27 + 4) + (16 + 4) + (6 * 64 + 6))
     assert MESA(model).memory_bytes == teacher_bytes + folded_bytes
     assert MESA(model, fold_batchnorm=False).memory_bytes == teacher_bytes
+
+
+class _SharedPreActivation(nn.Module):
+    """A folded conv whose output feeds the ReLU *and* the sum: the ReLU must stay out of place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        return self.head((nn.functional.relu(h) + h).mean((2, 3)))
+
+
+def _relu_targets(mesa: MESA) -> list[object]:
+    graph = mesa._folded.graph
+    modules = dict(graph.named_modules())
+    return [
+        n.target if n.op == "call_function" else type(modules[n.target])
+        for n in graph.graph.nodes
+        if n.target in (torch.relu, torch.relu_, F.relu)
+        or (n.op == "call_module" and isinstance(modules[n.target], nn.ReLU))
+    ]
+
+
+def test_relu_after_a_folded_layer_runs_in_place_only_when_nothing_else_reads_its_input():
+    torch.manual_seed(0)
+    # _cnn: conv→BN→ReLU and linear→BN1d→ReLU are folded and their ReLUs are the only
+    # readers; the residual's relu reads a sum, not a folded output.
+    assert _relu_targets(MESA(_cnn())) == [torch.relu_, torch.relu, torch.relu_]
+    model = _SharedPreActivation()
+    mesa = MESA(model, decay=0.5, start_epoch=0)
+    assert _relu_targets(mesa) == [F.relu]
+    x = torch.randn(5, 3, 8, 8)
+    _moved_student_and_teacher(model, mesa, x)
+    torch.testing.assert_close(
+        mesa.teacher_logits(x), _plain_eval_forward(mesa, x), rtol=1e-5, atol=1e-6
+    )

@@ -78,7 +78,9 @@ class MESA:
     hooks see the teacher's own modules run). On a shared 2-core CPU, the small NCHW CNN
     of ``benchmarks/trajectory_cost.py`` took 73 ms per EMA update and teacher forward
     before, 59 ms folded, 37 ms channels_last and 19 ms with both (the defaults): NCHW
-    max-pooling and the 3-input-channel NCHW convolution are the slow kernels there.
+    max-pooling and the 3-input-channel NCHW convolution are the slow kernels there. A
+    ReLU that is the only reader of a folded layer's output then runs in place, which
+    took the teacher forward from 16 to 8 ms on the idle machine.
 
     Args:
         model: the student; the teacher is a deep copy of it.
@@ -392,6 +394,7 @@ class _FoldedTeacher:
             units.append(unit)
         if not units:
             return None
+        _activate_in_place(graph, set(units))
         graph.graph.lint()
         graph.recompile()
         return cls(graph, units, teacher)
@@ -450,6 +453,33 @@ class _FoldedTeacher:
         for unit, weight, bias in zip(self.units, weights, biases, strict=True):
             dtype = unit.layer.weight.dtype  # a norm kept in float32 must not promote it
             unit.weight, unit.bias = weight.to(dtype), bias.to(dtype)
+
+
+_RELU_FUNCTIONS = (torch.relu, nn.functional.relu)
+
+
+def _activate_in_place(graph: fx.GraphModule, folded: set[nn.Module]) -> None:
+    """Rewrite ``relu(folded(x))`` as ``relu_(folded(x))`` where nothing else reads the
+    folded layer's output: the teacher runs without autograd and that output is a fresh
+    tensor, so the in-place ReLU changes no value and saves an allocation and a pass over
+    memory (on a CPU an out-of-place ReLU cost ~30 % of a small CNN's teacher forward)."""
+    modules = dict(graph.named_modules())
+    for node in list(graph.graph.nodes):
+        if node.op == "call_module":
+            module = modules[node.target]
+            is_relu = type(module) is nn.ReLU and not module.inplace
+        elif node.op == "call_function":
+            is_relu = node.target in _RELU_FUNCTIONS and not node.kwargs.get("inplace", False)
+        else:
+            is_relu = False
+        source = node.args[0] if is_relu and len(node.args) == 1 else None
+        if (
+            isinstance(source, fx.Node)
+            and source.op == "call_module"
+            and modules[source.target] in folded
+            and len(source.users) == 1
+        ):
+            node.op, node.target, node.kwargs = "call_function", torch.relu_, {}
 
 
 def _attribute(module: nn.Module, name: str) -> Any:
