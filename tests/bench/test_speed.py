@@ -70,3 +70,21 @@ def test_each_method_trains_its_own_copy():
     runner.block()
     assert all(torch.equal(a, p) for a, p in zip(before, base.parameters()))
     assert not all(torch.equal(a, p) for a, p in zip(before, runner.model.parameters()))
+
+
+def test_channels_last_inputs_change_only_the_layout_of_image_batches():
+    from flatmin.bench.speed import MethodRunner
+    from flatmin.train.models import build_model
+
+    image = SpeedCase("cnn-tiny", "cnn", (3, 16, 16), 10, 60_000, batch_size=4, steps=1)
+    base = build_model("cnn", 10, (3, 16, 16))
+    nchw = MethodRunner(image, "sgd", base)
+    channels_last = MethodRunner(
+        SpeedCase(**{**image.__dict__, "channels_last_inputs": True}), "sgd", base
+    )
+    assert nchw.x.is_contiguous() and not nchw.x.is_contiguous(memory_format=torch.channels_last)
+    assert channels_last.x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(nchw.x, channels_last.x)
+    # 3-D batches (MNIST-1D) have no channels_last layout and stay as they are.
+    flat = MethodRunner(SpeedCase(**{**TINY.__dict__, "channels_last_inputs": True}), "sgd", base)
+    assert flat.x.is_contiguous()
