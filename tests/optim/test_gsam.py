@@ -45,6 +45,31 @@ def test_update_direction_matches_closed_form(alpha):
     torch.testing.assert_close(flat(model), v - LR * (g_s - alpha * g_perp), rtol=0, atol=1e-14)
 
 
+def test_clean_gradient_buffer_is_reused_and_holds_each_step_s_gradient():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    opt = GSAM(net.parameters(), torch.optim.SGD, rho=0.1, alpha=0.5, lr=0.1)
+    buffers, direction = [], []
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        g = [p.grad.clone() for p in net.parameters()]
+        opt.first_step(zero_grad=True)
+        nn.functional.mse_loss(net(x), y).backward()
+        g_s = [p.grad.clone() for p in net.parameters()]
+        clean = opt._clean_grads[0]
+        assert all(torch.equal(a, b) for a, b in zip(clean, g))  # this step's g, not a stale one
+        buffers.append([t.data_ptr() for t in clean])
+        opt.second_step()
+        inner = sum((a * b).sum() for a, b in zip(g, g_s))
+        coef = inner / sum((b * b).sum() for b in g_s)
+        expected = [(1 + 0.5 * coef) * b - 0.5 * a for a, b in zip(g, g_s)]
+        direction.append(all(torch.allclose(p.grad, e) for p, e in zip(net.parameters(), expected)))
+    assert buffers[0] == buffers[1] == buffers[2]
+    assert all(direction)
+
+
 def test_rho_follows_the_learning_rate_of_a_torch_scheduler():
     w, b, A = make_problem()
     model = Quadratic(w, b, A)

@@ -99,7 +99,9 @@ def global_norm(per_bucket: list[list[Tensor]], device: torch.device) -> Tensor:
 def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """``Σ_t ⟨a_t, b_t⟩`` over one bucket's tensors (float32 at least)."""
     dtype = torch.promote_types(a[0].dtype, torch.float32)
-    return torch.stack([torch.sum(x.to(dtype) * y.to(dtype)) for x, y in zip(a, b)]).sum()
+    return torch.stack(
+        [torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b)]
+    ).sum()
 
 
 def global_dot(a: list[list[Tensor]], b: list[list[Tensor]], device: torch.device) -> Tensor:

@@ -165,7 +165,13 @@ class TwoPassUpdate:
     family member decide how many passes a step takes (LookSAM's reuse steps take one)
     and restores the weights if the second pass raises (Ctrl-C included). The loss terms
     see ``first_pass=False`` on later passes, so SAF records the batch once.
+
+    ``weight_copies``: how many parameter-sized buffers the optimizer keeps (SAM: the copy
+    of ``w``; GSAM adds the clean gradient ``g``), for :meth:`extra_memory_bytes`.
     """
+
+    def __init__(self, weight_copies: int = 1) -> None:
+        self.weight_copies = weight_copies
 
     def step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, compute: ComputePass
@@ -183,8 +189,8 @@ class TwoPassUpdate:
         return passes[0]
 
     def extra_memory_bytes(self, model: nn.Module) -> int:
-        """The copy of ``w`` kept between the passes (trainable parameters only)."""
-        return _parameter_bytes(model)
+        """The parameter-sized buffers kept between the passes (trainable parameters)."""
+        return self.weight_copies * _parameter_bytes(model)
 
 
 class Method:
@@ -511,7 +517,9 @@ register(
             Hyperparameter("alpha", 0.4, ALPHA_HELP, minimum=0.0),
             Hyperparameter("rho_min", 0.0, "GSAM's ρ_min, reached when the LR is 0", minimum=0.0),
         ),
-        _family_member("flatmin.optim.gsam.GSAM", ("rho", "alpha", "rho_min"), TwoPassUpdate()),
+        _family_member(
+            "flatmin.optim.gsam.GSAM", ("rho", "alpha", "rho_min"), TwoPassUpdate(weight_copies=2)
+        ),
     )
 )
 register(
