@@ -25,6 +25,14 @@ here exactly ``⌈γB⌉`` samples (at least one) are kept. No ``1e-7`` is added
 Defaults ``β = 0.6, γ = 0.5, ρ = 0.05`` are the authors' CIFAR ResNet-18 settings
 (``run.sh``; 0.5/0.5 and larger ρ for WideResNet and PyramidNet).
 
+**Cost.** A step is a forward/backward at ``w`` (without the weight gradients of the
+unperturbed tensors), a no-grad forward of the whole batch at ``w + ε`` and a
+forward/backward on ``⌈γB⌉`` samples. It beats SAM when that no-grad forward is cheap next
+to a training step: 116–119 % of SAM's throughput for a CIFAR ResNet-18 on a 2-core CPU,
+129 % for a small BatchNorm CNN fed channels-last inputs, but only SAM's speed for the same
+CNN fed NCHW inputs, where CPU max-pooling in NCHW makes a no-grad forward half a step
+(``benchmarks/RESULTS.md``).
+
 The closure of :meth:`ESAM.step` takes an optional index tensor and returns per-sample
 losses (``reduction="none"``) **without** calling ``backward``; ESAM takes the means
 and runs the backward passes itself::
