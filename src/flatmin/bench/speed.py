@@ -100,6 +100,7 @@ class SpeedRow:
     parameter_bytes: int
     blocks: list[float]  # images/s (wall) of every counted block
     cpu_blocks: list[float]  # images per CPU second of every counted block
+    measured_extra_bytes: int | None = None  # peak RSS minus SGD's (flatmin.bench.memory)
 
 
 class MethodRunner:
@@ -207,6 +208,16 @@ def measure_case(
     return rows
 
 
+def measure_memory(case: SpeedCase, rows: Sequence[SpeedRow]) -> None:
+    """Fill each row's ``measured_extra_bytes``: its method's peak resident memory in a
+    process of its own, minus SGD's (:mod:`flatmin.bench.memory`)."""
+    from flatmin.bench.memory import peak_rss_bytes
+
+    peaks = {r.method: peak_rss_bytes(case, r.method) for r in rows}
+    for r in rows:
+        r.measured_extra_bytes = peaks[r.method] - peaks["sgd"]
+
+
 def _round_ratio(own: Sequence[float], sgd: Sequence[float]) -> float:
     return _median([a / b for a, b in zip(own, sgd, strict=True)])
 
@@ -235,8 +246,8 @@ def format_table(rows: Sequence[SpeedRow]) -> str:
     lines = [
         "| model | method | images/s (median) | × SGD wall (median of rounds) | × SGD wall "
         "(best blocks) | × SGD CPU time (median of rounds) | paper × base | target: wall / "
-        "CPU | extra memory MiB (× params) |",
-        "|" + "---|" * 9,
+        "CPU | extra memory MiB (× params), counted | peak extra MiB, measured |",
+        "|" + "---|" * 10,
     ]
     for r in rows:
         paper = f"{100 * PAPER_RATIO[r.method]:.1f} %" if r.method in PAPER_RATIO else "—"
@@ -250,7 +261,8 @@ def format_table(rows: Sequence[SpeedRow]) -> str:
             f"| {r.case} | {r.method} | {r.images_per_s:.0f} | {100 * r.median_round_ratio:.1f} % "
             f"| {100 * r.best_block_ratio:.1f} % | {100 * r.cpu_round_ratio:.1f} % | {paper} "
             f"| {verdict} "
-            f"| {_mib(r.extra_memory_bytes)} ({r.extra_memory_bytes / r.parameter_bytes:.2f}×) |"
+            f"| {_mib(r.extra_memory_bytes)} ({r.extra_memory_bytes / r.parameter_bytes:.2f}×) "
+            f"| {'—' if r.measured_extra_bytes is None else _mib(r.measured_extra_bytes)} |"
         )
     return "\n".join(lines)
 
@@ -293,6 +305,12 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         help="image batches in channels_last (weights stay as built, NCHW): on the CPUs "
         "measured here the faster layout for SGD's own step on the 2-D models",
     )
+    group.add_argument(
+        "--measure-memory",
+        action="store_true",
+        help="also measure each method's peak resident memory over SGD's, one process per "
+        "method and model (flatmin.bench.memory)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -319,7 +337,10 @@ def run(args: argparse.Namespace) -> int:
         }
         overrides["channels_last_inputs"] = bool(getattr(args, "channels_last_inputs", False))
         case = SpeedCase(**{**asdict(case), **overrides})
-        rows += measure_case(case, methods, args.repeats, log=_flush_print)
+        case_rows = measure_case(case, methods, args.repeats, log=_flush_print)
+        if getattr(args, "measure_memory", False):
+            measure_memory(case, case_rows)
+        rows += case_rows
         if args.profile:
             for name in ("sgd", args.profile):
                 profiles[f"{case.name}/{name}"] = profile_block(case, name)
@@ -342,7 +363,9 @@ def run(args: argparse.Namespace) -> int:
             "",
             format_table(rows),
             "",
-            "Extra memory is counted from tensor sizes (Method.extra_memory_bytes), not measured.",
+            "Counted extra memory: from tensor sizes (Method.extra_memory_bytes). Measured: "
+            "peak resident memory of a process training the method minus SGD's "
+            "(--measure-memory; differences under ~1 MiB are allocator noise).",
             *[f"\n## profile {name}\n{table}" for name, table in profiles.items()],
         ]
     )

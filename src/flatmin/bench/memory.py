@@ -1,0 +1,112 @@
+"""Peak resident memory of one method's training, measured in a process of its own.
+
+A CPU has no allocator statistics like ``torch.cuda.max_memory_allocated``, so the
+measurement is the operating system's: how far the resident set's peak rises in a fresh
+Python process, from the moment its model is built, while it creates the method through
+the registry,
+fills what the method keeps between steps (SAF's store for ``lag_epochs`` epochs) and
+trains ``blocks`` more epochs of the speed benchmark's synthetic data. A method's *peak
+extra memory* is its peak minus SGD's on the same case: its persistent state (a copy of
+``w``, a teacher, a logit store) plus whatever its step allocates on top of SGD's step
+(a second pass's activations are freed before the next, so they do not add up).
+
+The figure includes what the allocator keeps rather than hands back: on a CIFAR ResNet-18,
+SAM's measured extra was 1.35–1.45× the weights (its counted copy of ``w`` is 1×), and
+repeated runs of one method differ by ~0.1–0.5× the weights; differences of a few MB are
+noise. SAF's float16 store is allocated zeroed, and only the rows written become
+resident, so on the synthetic set (``steps × batch`` samples) the measured figure is the
+part in use, the counted one the full store. ``flatmin bench speed --measure-memory``
+prints it next to the extra memory counted from tensor sizes.
+
+    python -m flatmin.bench.memory '{"name": "cnn-28x28", ...}' mesa   # prints bytes
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flatmin.bench.speed import SpeedCase
+
+
+def peak_rss_bytes(case: SpeedCase, method: str, blocks: int = 1) -> int:
+    """Peak resident bytes of a fresh process training ``method`` on ``case``."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flatmin.bench.memory",
+            json.dumps(asdict(case)),
+            method,
+            str(blocks),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"measuring the memory of {method!r} on {case.name} failed:\n{done.stderr[-2000:]}"
+        )
+    return int(done.stdout.split()[-1])
+
+
+def _child(case_json: str, method: str, blocks: int) -> int:
+    """Bytes by which training ``method`` raised this process's resident peak above its
+    resident size once the model was built (Linux: ``VmHWM`` reset through
+    ``/proc/self/clear_refs``; elsewhere the whole process's ``ru_maxrss``)."""
+    import torch
+
+    from flatmin.bench.speed import MethodRunner, SpeedCase
+    from flatmin.train.models import build_model
+
+    torch.set_num_threads(1)
+    fields = json.loads(case_json)
+    fields["input_shape"] = tuple(fields["input_shape"])
+    case = SpeedCase(**fields)
+    torch.manual_seed(0)
+    base = build_model(case.model, case.num_classes, case.input_shape)
+    baseline = _reset_peak()
+    runner = MethodRunner(case, method, base)
+    for _ in range(blocks):
+        runner.block()
+    return _peak() - baseline
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> int:
+    """Reset the resident high-water mark where the kernel allows it; return the
+    resident size it now starts from (0 where the peak cannot be reset)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        return 0
+    return _status_bytes("VmHWM") or 0
+
+
+def _peak() -> int:
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, else KiB
+
+
+if __name__ == "__main__":
+    print(_child(sys.argv[1], sys.argv[2], int(sys.argv[3])))
