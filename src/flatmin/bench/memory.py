@@ -1,14 +1,15 @@
 """Peak resident memory of one method's training, measured in a process of its own.
 
 A CPU has no allocator statistics like ``torch.cuda.max_memory_allocated``, so the
-measurement is the operating system's: how far the resident set's peak rises in a fresh
-Python process, from the moment its model is built, while it creates the method through
-the registry,
-fills what the method keeps between steps (SAF's store for ``lag_epochs`` epochs) and
-trains ``blocks`` more epochs of the speed benchmark's synthetic data. A method's *peak
-extra memory* is its peak minus SGD's on the same case: its persistent state (a copy of
-``w``, a teacher, a logit store) plus whatever its step allocates on top of SGD's step
-(a second pass's activations are freed before the next, so they do not add up).
+measurement is the operating system's. A fresh Python process builds the model and runs
+one forward/backward of a throwaway copy (lazily initialised kernels and thread pools,
+~100 MB for a small CNN, go into the baseline); then it resets its resident high-water
+mark, creates the method through the registry, fills what the method keeps between
+steps (SAF's store for ``lag_epochs`` epochs) and trains ``blocks`` epochs of the speed
+benchmark's synthetic data. The figure is how far the resident peak rose. A method's
+*peak extra memory* is its figure minus SGD's: its persistent state (a copy of ``w``, a
+teacher, a logit store) plus what its step holds beyond SGD's step, including memory the
+allocator keeps from the first pass instead of reusing it in the second.
 
 The figure includes what the allocator keeps rather than hands back: on a CIFAR ResNet-18,
 SAM's measured extra was 1.35–1.45× the weights (its counted copy of ``w`` is 1×), and
@@ -25,37 +26,44 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from flatmin.bench.speed import SpeedCase
 
 
-def peak_rss_bytes(case: SpeedCase, method: str, blocks: int = 2) -> int:
+def peak_rss_bytes(case: SpeedCase, method: str, blocks: int = 2, repeats: int = 1) -> int:
     """How far a fresh process's resident peak rises while it trains ``method`` on
     ``case`` for ``blocks`` epochs (two: MESA's term, like the speed benchmark's, is on from
-    the second epoch), counted from the moment its model is built."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flatmin.bench.memory",
-            json.dumps(asdict(case)),
-            method,
-            str(blocks),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"measuring the memory of {method!r} on {case.name} failed:\n{done.stderr[-2000:]}"
+    the second epoch), counted from the moment its model is built and warmed up; the
+    median over ``repeats`` processes."""
+    peaks = []
+    for _ in range(repeats):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flatmin.bench.memory",
+                json.dumps(asdict(case)),
+                method,
+                str(blocks),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
-    return int(done.stdout.split()[-1])
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"measuring the memory of {method!r} on {case.name} failed:\n{done.stderr[-2000:]}"
+            )
+        peaks.append(int(done.stdout.split()[-1]))
+    return int(statistics.median(peaks))
 
 
 def _child(case_json: str, method: str, blocks: int) -> int:
@@ -73,11 +81,27 @@ def _child(case_json: str, method: str, blocks: int) -> int:
     case = SpeedCase(**fields)
     torch.manual_seed(0)
     base = build_model(case.model, case.num_classes, case.input_shape)
+    _warm_up(base, case)
     baseline = _reset_peak()
     runner = MethodRunner(case, method, base)
     for _ in range(blocks):
         runner.block()
     return _peak() - baseline
+
+
+def _warm_up(model: nn.Module, case: SpeedCase) -> None:
+    """One forward/backward of a throwaway copy at the case's batch size, so that lazily
+    initialised kernels, thread pools and allocator arenas (~200 MB for a small CNN) are
+    in the baseline and not in any method's figure."""
+    import copy
+
+    import torch
+
+    warm = copy.deepcopy(model).train()
+    x = torch.randn((case.batch_size, *case.input_shape))
+    torch.nn.functional.cross_entropy(
+        warm(x), torch.zeros(case.batch_size, dtype=torch.long)
+    ).backward()
 
 
 def _status_bytes(key: str) -> int | None:

@@ -210,10 +210,10 @@ def measure_case(
 
 def measure_memory(case: SpeedCase, rows: Sequence[SpeedRow]) -> None:
     """Fill each row's ``measured_extra_bytes``: its method's peak resident memory in a
-    process of its own, minus SGD's (:mod:`flatmin.bench.memory`)."""
+    process of its own (median of three processes), minus SGD's (:mod:`flatmin.bench.memory`)."""
     from flatmin.bench.memory import peak_rss_bytes
 
-    peaks = {r.method: peak_rss_bytes(case, r.method) for r in rows}
+    peaks = {r.method: peak_rss_bytes(case, r.method, repeats=3) for r in rows}
     for r in rows:
         r.measured_extra_bytes = peaks[r.method] - peaks["sgd"]
 
