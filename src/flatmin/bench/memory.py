@@ -12,8 +12,8 @@ teacher, a logit store) plus what its step holds beyond SGD's step, including me
 allocator keeps from the first pass instead of reusing it in the second.
 
 The figure includes what the allocator keeps rather than hands back: on a CIFAR ResNet-18,
-SAM's measured extra was 1.35–1.45× the weights (its counted copy of ``w`` is 1×), and
-repeated runs of one method differ by ~0.1–0.5× the weights; differences of a few MB are
+batch 2, SAM's measured extra was 1.2–2.2× the weights in repeated runs (its counted copy
+of ``w`` is 1×): single figures differ by ±20 MB, and differences of that size are
 noise. SAF's float16 store is allocated zeroed, and only the rows written become
 resident, so on the synthetic set (``steps × batch`` samples) the measured figure is the
 part in use, the counted one the full store. ``flatmin bench speed --measure-memory``
