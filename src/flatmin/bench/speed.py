@@ -365,7 +365,8 @@ def run(args: argparse.Namespace) -> int:
             "",
             "Counted extra memory: from tensor sizes (Method.extra_memory_bytes). Measured: "
             "peak resident memory of a process training the method minus SGD's "
-            "(--measure-memory; differences under ~1 MiB are allocator noise).",
+            "(--measure-memory, median of 3 processes; repeated figures differ by up to "
+            "~20 MiB, the allocator's doing).",
             *[f"\n## profile {name}\n{table}" for name, table in profiles.items()],
         ]
     )
