@@ -223,3 +223,24 @@ def test_non_finite_full_step_is_skipped_and_keeps_the_previous_g_v():
 
 def same_tensors(a, b):
     return all(torch.equal(s, t) for s, t in zip(a, b, strict=True))
+
+
+def test_kept_direction_is_updated_in_place_and_a_loaded_state_is_copied():
+    data = batches(6)
+    model = bn_net()
+    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=2, alpha=0.7, lr=0.05)
+    train(model, opt, data[:1])  # one full step: g_v is kept
+    slots = {p: t.data_ptr() for p, t in opt._g_v.items()}
+    first = {p: t.clone() for p, t in opt._g_v.items()}
+    train(model, opt, data[1:3])  # a reuse step, then the next full step
+    assert {p: t.data_ptr() for p, t in opt._g_v.items()} == slots
+    assert not all(torch.equal(first[p], t) for p, t in opt._g_v.items())
+
+    saved = copy.deepcopy(opt.state_dict())
+    other = bn_net()
+    other.load_state_dict(model.state_dict())
+    resumed = LookSAM(other.parameters(), torch.optim.SGD, rho=0.05, k=2, alpha=0.7, lr=0.05)
+    resumed.load_state_dict(saved)
+    before = [t.clone() for t in saved["method"]["g_v"]]
+    train(other, resumed, data[3:6])  # reuse, full, reuse: the full step updates g_v
+    assert all(torch.equal(a, b) for a, b in zip(before, saved["method"]["g_v"]))

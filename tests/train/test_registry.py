@@ -178,6 +178,7 @@ def test_saf_term_compares_with_the_first_pass_logits_of_the_previous_epoch():
         ("sgd", lambda n_params: 0),
         ("sam", lambda n_params: 4 * n_params),  # the float32 copy of w between passes
         ("gsam", lambda n_params: 8 * n_params),  # ... and the clean gradient g
+        ("looksam", lambda n_params: 12 * n_params),  # ... and the kept g_v
         ("mesa", lambda n_params: 4 * n_params),  # the EMA teacher (no buffers here)
         # SAF: N·C·Ẽ float16 logits + N·Ẽ int32 epoch stamps (Ẽ = 3).
         ("saf", lambda n_params: 16 * 3 * 3 * 2 + 16 * 3 * 4),

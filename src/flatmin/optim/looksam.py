@@ -152,7 +152,9 @@ class LookSAM(SAM):
         self._clean_sq_norm: Tensor | None = None
 
     def _after_first_gradient(self, buckets: list[Bucket], grad_norm: Tensor) -> None:
-        self._clean_grads = [torch._foreach_clone(b.grads) for b in buckets]
+        self._clean_grads = self._reusable_buffers("g", buckets)
+        for clean, b in zip(self._clean_grads, buckets):
+            torch._foreach_copy_(clean, b.grads)
         if any(b.scaled for b in buckets):  # ASAM's grad_norm is the |w|-weighted one
             grad_norm = global_norm(self._clean_grads, self._reference_device())
         self._clean_sq_norm = grad_norm.square()
@@ -170,15 +172,24 @@ class LookSAM(SAM):
             self.replica_mean([t for g_v in clean for t in g_v])
         norm = global_norm(clean, device)
         keep = torch.isfinite(norm)
-        previous = self._g_v
-        self._g_v = {}
+        # The kept g_v ← new where finite, else unchanged (zeros if there was none), in
+        # place: a rejected g_v is zeroed first so that lerp's weight 0 cannot mix in NaN.
         for b, g_v in zip(buckets, clean):
-            for p, new in zip(b.params, g_v):
-                old = previous.get(p)
-                self._g_v[p] = torch.where(keep.to(new.device), new, 0.0 if old is None else old)
+            rejected, weight = ~keep.to(b.device), keep.to(b.device, g_v[0].dtype)
+            for new in g_v:
+                new.masked_fill_(rejected, 0.0)
+            kept = [self._g_v_slot(p, new) for p, new in zip(b.params, g_v)]
+            torch._foreach_lerp_(kept, g_v, weight)
         old_norm = self._g_v_norm if self._g_v_norm is not None else torch.zeros_like(norm)
         self._g_v_norm = torch.where(keep, norm, old_norm)
         self._clean_grads = None
+
+    def _g_v_slot(self, p: Tensor, like: Tensor) -> Tensor:
+        """The tensor that keeps ``p``'s ``g_v`` (zeros until the first finite one)."""
+        slot = self._g_v.get(p)
+        if slot is None or slot.shape != like.shape or slot.dtype != like.dtype:
+            slot = self._g_v[p] = torch.zeros_like(like)
+        return slot
 
     # -- checkpointing ------------------------------------------------------------------
 
@@ -211,6 +222,7 @@ class LookSAM(SAM):
         params = self._params()
         saved = state.get("g_v") or [None] * len(params)
         self.steps_done = int(state.get("steps_done", 0))
-        self._g_v = {p: t.to(p.device) for p, t in zip(params, saved) if t is not None}
+        # Copies: the kept g_v is updated in place, the caller's state dict must not be.
+        self._g_v = {p: t.to(p.device, copy=True) for p, t in zip(params, saved) if t is not None}
         norm = state.get("g_v_norm")
         self._g_v_norm = None if norm is None else norm.to(self._reference_device())

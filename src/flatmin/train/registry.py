@@ -167,7 +167,8 @@ class TwoPassUpdate:
     see ``first_pass=False`` on later passes, so SAF records the batch once.
 
     ``weight_copies``: how many parameter-sized buffers the optimizer keeps (SAM: the copy
-    of ``w``; GSAM adds the clean gradient ``g``), for :meth:`extra_memory_bytes`.
+    of ``w``; GSAM adds the clean gradient ``g``; LookSAM that and its kept ``g_v``), for
+    :meth:`extra_memory_bytes`.
     """
 
     def __init__(self, weight_copies: int = 1) -> None:
@@ -533,7 +534,11 @@ register(
             Hyperparameter("k", 5, "LookSAM: a full SAM step every k steps", minimum=1),
             Hyperparameter("alpha", 0.7, ALPHA_HELP, minimum=0.0),
         ),
-        _family_member("flatmin.optim.looksam.LookSAM", ("rho", "k", "alpha"), TwoPassUpdate()),
+        _family_member(
+            "flatmin.optim.looksam.LookSAM",
+            ("rho", "k", "alpha"),
+            TwoPassUpdate(weight_copies=3),  # w's copy, the kept g_v, the clean gradient
+        ),
     )
 )
 register(
