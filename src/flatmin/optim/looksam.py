@@ -174,12 +174,10 @@ class LookSAM(SAM):
         keep = torch.isfinite(norm)
         # The kept g_v ← new where finite, else unchanged (zeros if there was none), in
         # place: a rejected g_v is zeroed first so that lerp's weight 0 cannot mix in NaN.
-        for b, g_v in zip(buckets, clean):
-            rejected, weight = ~keep.to(b.device), keep.to(b.device, g_v[0].dtype)
-            for new in g_v:
-                new.masked_fill_(rejected, 0.0)
+        for b, g_v, flat in zip(buckets, clean, self._reusable_flat_buffers("g")):
+            flat.masked_fill_(~keep.to(b.device), 0.0)
             kept = [self._g_v_slot(p, new) for p, new in zip(b.params, g_v)]
-            torch._foreach_lerp_(kept, g_v, weight)
+            torch._foreach_lerp_(kept, g_v, keep.to(b.device, g_v[0].dtype))
         old_norm = self._g_v_norm if self._g_v_norm is not None else torch.zeros_like(norm)
         self._g_v_norm = torch.where(keep, norm, old_norm)
         self._clean_grads = None

@@ -326,12 +326,32 @@ class SAM(Optimizer):
         GSAM's clean gradient), allocated once and reused while the set of parameters
         with gradients stays the same; never checkpointed. A fresh allocation of this
         size every step costs page faults: on a CPU, cloning ResNet-18's gradient took
-        ~12 ms, copying it into a reused buffer ~2 ms."""
+        ~12 ms, copying it into a reused buffer ~2 ms. Each bucket's buffers are views of
+        one flat tensor (:meth:`_reusable_flat_buffers`), for whole-bucket operations."""
         key = [tuple(id(p) for p in b.params) for b in buckets]
         cache = self.__dict__.setdefault("_buffer_cache", {})
         if slot not in cache or cache[slot][0] != key:
-            cache[slot] = (key, [[torch.empty_like(p) for p in b.params] for b in buckets])
+            flats = [
+                torch.empty(
+                    sum(p.numel() for p in b.params), dtype=b.params[0].dtype, device=b.device
+                )
+                for b in buckets
+            ]
+            views = [
+                list(torch.split(flat, [p.numel() for p in b.params]))
+                for flat, b in zip(flats, buckets, strict=True)
+            ]
+            views = [
+                [v.view(p.shape) for v, p in zip(vs, b.params, strict=True)]
+                for vs, b in zip(views, buckets, strict=True)
+            ]
+            cache[slot] = (key, views, flats)
         return cache[slot][1]
+
+    def _reusable_flat_buffers(self, slot: str) -> list[Tensor]:
+        """The flat tensors behind the last :meth:`_reusable_buffers` of ``slot``, one per
+        bucket."""
+        return self._buffer_cache[slot][2]
 
     def _surrogate_gradient(self, buckets: list[Bucket]) -> None:
         """Turn the surrogate gradient in ``.grad`` into the update direction (in place)."""
