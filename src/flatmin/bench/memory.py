@@ -25,7 +25,6 @@ prints it next to the extra memory counted from tensor sizes.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -130,6 +129,8 @@ def _peak() -> int:
     peak = _status_bytes("VmHWM")
     if peak is not None:
         return peak
+    import resource  # POSIX only; Linux has VmHWM above
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, else KiB
 
