@@ -130,9 +130,7 @@ class GSAM(SAM):
             )
 
     def _after_first_gradient(self, buckets: list[Bucket], grad_norm: Tensor) -> None:
-        self._clean_grads = self._reusable_buffers("g", buckets)
-        for clean, b in zip(self._clean_grads, buckets):
-            torch._foreach_copy_(clean, b.grads)
+        self._clean_grads = self._clean_gradient_copy(buckets)
 
     def _surrogate_gradient(self, buckets: list[Bucket]) -> None:
         """``.grad ← g_s − α·g_⊥ = (1 + α c)·g_s − α·g`` with ``c = ⟨g,g_s⟩/‖g_s‖²``."""

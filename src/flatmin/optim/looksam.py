@@ -152,9 +152,7 @@ class LookSAM(SAM):
         self._clean_sq_norm: Tensor | None = None
 
     def _after_first_gradient(self, buckets: list[Bucket], grad_norm: Tensor) -> None:
-        self._clean_grads = self._reusable_buffers("g", buckets)
-        for clean, b in zip(self._clean_grads, buckets):
-            torch._foreach_copy_(clean, b.grads)
+        self._clean_grads = self._clean_gradient_copy(buckets)
         if any(b.scaled for b in buckets):  # ASAM's grad_norm is the |w|-weighted one
             grad_norm = global_norm(self._clean_grads, self._reference_device())
         self._clean_sq_norm = grad_norm.square()

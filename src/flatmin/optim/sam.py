@@ -323,7 +323,7 @@ class SAM(Optimizer):
 
     def _reusable_buffers(self, slot: str, buckets: list[Bucket]) -> list[list[Tensor]]:
         """Buffers shaped like the buckets' parameters for ``slot`` (the copy of ``w``,
-        GSAM's clean gradient), allocated once and reused while the set of parameters
+        the clean gradient), allocated once and reused while the set of parameters
         with gradients stays the same; never checkpointed. A fresh allocation of this
         size every step costs page faults: on a CPU, cloning ResNet-18's gradient took
         ~12 ms, copying it into a reused buffer ~2 ms. Each bucket's buffers are views of
@@ -331,20 +331,12 @@ class SAM(Optimizer):
         key = [tuple(id(p) for p in b.params) for b in buckets]
         cache = self.__dict__.setdefault("_buffer_cache", {})
         if slot not in cache or cache[slot][0] != key:
-            flats = [
-                torch.empty(
-                    sum(p.numel() for p in b.params), dtype=b.params[0].dtype, device=b.device
-                )
-                for b in buckets
-            ]
-            views = [
-                list(torch.split(flat, [p.numel() for p in b.params]))
-                for flat, b in zip(flats, buckets, strict=True)
-            ]
-            views = [
-                [v.view(p.shape) for v, p in zip(vs, b.params, strict=True)]
-                for vs, b in zip(views, buckets, strict=True)
-            ]
+            flats, views = [], []
+            for b in buckets:
+                sizes = [p.numel() for p in b.params]
+                flat = torch.empty(sum(sizes), dtype=b.params[0].dtype, device=b.device)
+                flats.append(flat)
+                views.append([v.view(p.shape) for v, p in zip(flat.split(sizes), b.params)])
             cache[slot] = (key, views, flats)
         return cache[slot][1]
 
@@ -352,6 +344,14 @@ class SAM(Optimizer):
         """The flat tensors behind the last :meth:`_reusable_buffers` of ``slot``, one per
         bucket."""
         return self._buffer_cache[slot][2]
+
+    def _clean_gradient_copy(self, buckets: list[Bucket]) -> list[list[Tensor]]:
+        """The clean gradient ``g`` now in ``.grad``, copied into the reusable ``"g"``
+        buffers (GSAM and LookSAM keep it past the second pass)."""
+        copies = self._reusable_buffers("g", buckets)
+        for copy, b in zip(copies, buckets):
+            torch._foreach_copy_(copy, b.grads)
+        return copies
 
     def _surrogate_gradient(self, buckets: list[Bucket]) -> None:
         """Turn the surrogate gradient in ``.grad`` into the update direction (in place)."""

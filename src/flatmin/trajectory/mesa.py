@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from flatmin.trajectory._state import require_keys
+from flatmin.trajectory._state import check_term_settings, require_keys
 from flatmin.trajectory.kl import tempered_kl, zero_term
 
 MemoryFormatChoice = torch.memory_format | Literal["auto"] | None
@@ -119,12 +119,7 @@ class MESA:
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"expected decay in [0, 1], got {decay}")
-        if not lam >= 0:
-            raise ValueError(f"expected lam >= 0, got {lam}")
-        if not tau > 0:
-            raise ValueError(f"expected tau > 0, got {tau}")
-        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int):
-            raise ValueError(f"expected an int start_epoch, got {start_epoch!r}")
+        check_term_settings(lam, tau, start_epoch)
         if not (
             teacher_memory_format in (None, "auto")
             or isinstance(teacher_memory_format, torch.memory_format)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatmin.trajectory._state import require_keys
+from flatmin.trajectory._state import check_term_settings, require_keys
 from flatmin.trajectory.kl import tempered_kl, zero_term
 from flatmin.trajectory.logit_store import LogitStore
 
@@ -101,12 +101,7 @@ class SAF:
         device: torch.device | str = "cpu",
         memmap_path: str | Path | None = None,
     ) -> None:
-        if not lam >= 0:
-            raise ValueError(f"expected lam >= 0, got {lam}")
-        if not tau > 0:
-            raise ValueError(f"expected tau > 0, got {tau}")
-        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int):
-            raise ValueError(f"expected an int start_epoch, got {start_epoch!r}")
+        check_term_settings(lam, tau, start_epoch)
         if isinstance(lag_epochs, bool) or not isinstance(lag_epochs, int) or lag_epochs < 1:
             raise ValueError(f"expected lag_epochs to be a positive int, got {lag_epochs!r}")
         self.lam = float(lam)
