@@ -21,8 +21,9 @@ Presets (``--study``):
   swept; SGD / SAM / StableSAM over a learning-rate sweep; a small search of budget and ρ
   on Fashion-MNIST with 40 % noise (SGD vs SAM), then every method on Fashion-MNIST clean
   and with 40 % noise (a 10k-sample subset; MLP).
-- ``full``: the same with more epochs, the BatchNorm CNN on Fashion-MNIST and the whole
-  training set.
+- ``full`` (≈ 3.5 CPU-hours): the MNIST-1D sections with 100 epochs and the
+  learning-rate sweep over 5 seeds; every method on the whole Fashion-MNIST training set
+  (MLP), clean for 30 epochs and with 40 % noise for 60.
 
 ``--report`` only aggregates what exists into ``accuracy_<study>.txt``/``.json``.
 """
@@ -225,21 +226,32 @@ def _quick() -> tuple[Section, ...]:
 
 def _full() -> tuple[Section, ...]:
     five = (0, 1, 2, 3, 4)
-    fm = {"dataset": "fashion-mnist", "model": "cnn", "epochs": 60}
+    # Fashion-MNIST: the MLP on the whole 60k training set, 6x the quick preset's data.
+    # The BatchNorm CNN was measured first and dropped: at 1,851 images per CPU-second
+    # (one thread) 60 epochs of the whole set cost ~40 CPU-hours for the two sections,
+    # and on a 10k subset with 40 % noise it did not fit the flipped labels within 20
+    # epochs (train accuracy 54 %, SGD = SAM), so nothing would separate at a budget
+    # this machine allows. On the whole set the MLP needs 60 epochs to start fitting
+    # the flipped labels (at 30, SGD's training accuracy is 58 % < the 60 % of correct
+    # labels, and SAM is only +0.8 pp); the clean section converges in 30.
+    # SAF/MESA at the papers' start and lag (5 and 3 epochs).
+    fm = {"dataset": "fashion-mnist", "model": "mlp"}
     return (
         *_mnist1d_sections(epochs=100, sweep_seeds=five),
         Section(
             "fmnist-clean",
-            "Fashion-MNIST clean (BN CNN, 60 epochs)",
+            "Fashion-MNIST clean (whole training set, MLP, 30 epochs)",
             variants=_core_variants(),
             seeds=five,
+            epochs=30,
             **fm,
         ),
         Section(
             "fmnist-noise40",
-            "Fashion-MNIST 40 % noise (BN CNN, 60 epochs; SAM-family ρ = 0.1)",
+            "Fashion-MNIST 40 % noise (whole training set, MLP, 60 epochs; SAM-family ρ = 0.1)",
             variants=_core_variants(rho=0.1),
             seeds=five,
+            epochs=60,
             label_noise=0.4,
             **fm,
         ),
