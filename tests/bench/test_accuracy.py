@@ -6,6 +6,7 @@ import pytest
 
 from flatmin.bench.accuracy import (
     FINAL_NAME,
+    LOCK_NAME,
     RunJob,
     RunLock,
     Section,
@@ -99,6 +100,25 @@ def test_an_interrupted_run_is_continued(tmp_path):
     assert result["epochs"] == 2
     lines = (job.directory(tmp_path) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_a_run_finished_while_waiting_for_its_lock_is_not_trained_again(tmp_path, monkeypatch):
+    job = RunJob(TINY, TINY.variants[0], 0)
+    final = job.directory(tmp_path) / FINAL_NAME
+    theirs = {"test_acc": 0.5, "written_by": "the other worker"}
+    acquire = RunLock.acquire
+
+    def other_worker_finishes_first(lock):
+        # The other worker writes final.json, then releases the lock this one takes.
+        final.parent.mkdir(parents=True, exist_ok=True)
+        final.write_text(json.dumps(theirs))
+        return acquire(lock)
+
+    monkeypatch.setattr(RunLock, "acquire", other_worker_finishes_first)
+    assert run_job(job, tmp_path, threads=1) == theirs
+    assert json.loads(final.read_text()) == theirs
+    assert not (job.directory(tmp_path) / "metrics.jsonl").exists()
+    assert not (job.directory(tmp_path) / LOCK_NAME).exists()
 
 
 def test_reused_variant_reads_the_home_section(tmp_path):

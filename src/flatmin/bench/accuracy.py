@@ -376,6 +376,8 @@ def run_job(
     if not lock.acquire():
         return None
     try:
+        if final.is_file():  # finished by the worker that held the lock until now
+            return json.loads(final.read_text())
         trainer = Trainer(job.config(threads, epochs), out, progress=False)
         records = trainer.run(resume=(out / ckpt.CHECKPOINT_NAME).is_file())
         started = time.perf_counter()
