@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from flatmin.bench.accuracy import (
     FINAL_NAME,
@@ -13,6 +14,7 @@ from flatmin.bench.accuracy import (
     Variant,
     collect,
     format_section,
+    measure_final,
     plan,
     report,
     run_job,
@@ -119,6 +121,47 @@ def test_a_run_finished_while_waiting_for_its_lock_is_not_trained_again(tmp_path
     assert json.loads(final.read_text()) == theirs
     assert not (job.directory(tmp_path) / "metrics.jsonl").exists()
     assert not (job.directory(tmp_path) / LOCK_NAME).exists()
+
+
+def test_a_diverged_run_is_recorded_without_measures(tmp_path):
+    job = RunJob(TINY, TINY.variants[0], 0)
+    trainer = Trainer(job.config(threads=1), job.directory(tmp_path), progress=False)
+    trainer.run()
+    assert measure_final(trainer)["diverged"] is False
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    measured = measure_final(trainer)
+    assert measured["diverged"] is True
+    assert measured["lambda_max"] is None and measured["sam_sharpness"] is None
+
+
+def test_report_averages_measures_over_the_runs_that_did_not_diverge():
+    def final(acc, sharpness, lam, loss, diverged=None):
+        run = {"test_acc": acc, "sam_sharpness": sharpness, "lambda_max": lam,
+               "train_loss": loss, "train_wall_time": 1.0}  # fmt: skip
+        return run if diverged is None else {**run, "diverged": diverged}
+
+    results = {
+        "sgd": {0: final(0.8, 0.01, 4.0, 0.5), 1: final(0.7, 0.03, 6.0, 0.7)},
+        "sam": {
+            0: final(0.9, 0.02, 2.0, 0.4, False),
+            1: final(0.1, None, None, float("nan"), True),
+        },
+    }
+    rows = {r["variant"]: r for r in section_rows(TINY, results)}
+    assert rows["sgd"]["diverged"] == 0 and rows["sgd"]["lambda_max_mean"] == pytest.approx(5.0)
+    sam = rows["sam"]
+    assert sam["n"] == 2 and sam["diverged"] == 1
+    assert sam["acc_mean"] == pytest.approx(0.5)  # the diverged run's accuracy counts
+    assert (sam["sharpness_mean"], sam["lambda_max_mean"]) == (0.02, 2.0)
+    assert sam["train_loss_mean"] == 0.4
+    text = format_section(TINY, list(rows.values()))
+    assert "| sam | 2 (1 diverged) | 50.00 ± 56.57 |" in text
+    assert "did not diverge" in text
+    results["sam"][0] = final(0.2, None, None, float("nan"), True)
+    line = next(x for x in format_section(TINY, section_rows(TINY, results)).splitlines()
+                if x.startswith("| sam"))  # fmt: skip
+    assert line.endswith("| — | — | — | 1 |")
 
 
 def test_reused_variant_reads_the_home_section(tmp_path):

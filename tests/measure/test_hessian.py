@@ -152,6 +152,26 @@ def test_bad_arguments_are_rejected(call, match):
         call(make_mlp(batch_norm=False), make_data())
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, d: hessian_eigenvalues(m, F.cross_entropy, d, k=1),
+        lambda m, d: hessian_eigenvalues(m, F.cross_entropy, d, method="power"),
+        lambda m, d: hessian_trace(m, F.cross_entropy, d, num_queries=6),
+    ],
+    ids=["lanczos", "power", "trace"],
+)
+def test_a_diverged_model_gets_a_clear_error_and_keeps_its_weights(call):
+    model = make_mlp(batch_norm=True)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="not finite"):
+        call(model, make_data())
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], equal_nan=True)
+
+
 def test_lanczos_restarts_when_the_krylov_space_is_exhausted():
     # A = diag(3, 3, 1, 1): any start vector spans an invariant space of dimension 2
     # (one copy of each distinct eigenvalue); k = 3 needs a restart to find the third.

@@ -403,7 +403,8 @@ def run_job(
 def measure_final(trainer: Any, samples: int = MEASURE_SAMPLES) -> dict[str, Any]:
     """SAM sharpness ``L(w+ρg/‖g‖) − L(w)`` at ρ = 0.05 and the Hessian's λmax (Lanczos)
     of the trained model, on the first ``samples`` training examples with the labels it
-    was trained on (noisy ones included), in eval mode."""
+    was trained on (noisy ones included), in eval mode. A run whose weights are not
+    finite is recorded as ``diverged`` with no measures."""
     import torch
     from torch.nn import functional as F
 
@@ -414,6 +415,17 @@ def measure_final(trainer: Any, samples: int = MEASURE_SAMPLES) -> dict[str, Any
     items = bundle.train.__getitems__(list(range(n)))
     batch = (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
     model = trainer.model
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        # The run diverged: its weights hold NaN or inf, and so would every measure.
+        return {
+            "sam_sharpness": None,
+            "sharpness_loss": None,
+            "lambda_max": None,
+            "lambda_max_converged": False,
+            "lambda_max_iterations": 0,
+            "measure_samples": n,
+            "diverged": True,
+        }
     sharp = sam_sharpness(model, F.cross_entropy, batch, rho=0.05)
     eig = hessian_eigenvalues(model, F.cross_entropy, batch, k=1, max_iter=40, tol=1e-3)
     return {
@@ -423,6 +435,7 @@ def measure_final(trainer: Any, samples: int = MEASURE_SAMPLES) -> dict[str, Any
         "lambda_max_converged": eig.converged,
         "lambda_max_iterations": eig.iterations,
         "measure_samples": n,
+        "diverged": False,
     }
 
 
@@ -442,10 +455,14 @@ def run_study(
             skipped += 1
             log(f"[{i}/{len(jobs)}] {job.section.name}/{job.name}: held by another worker")
             continue
+        measured = (
+            "diverged (weights not finite)"
+            if result.get("diverged")
+            else f"sharpness {result['sam_sharpness']:.4f}  λmax {result['lambda_max']:.2f}"
+        )
         log(
             f"[{i}/{len(jobs)}] {job.section.name}/{job.name}: test acc {result['test_acc']:.4f}"
-            f"  sharpness {result['sam_sharpness']:.4f}  λmax {result['lambda_max']:.2f}"
-            f"  ({time.perf_counter() - started:.0f} s)"
+            f"  {measured}  ({time.perf_counter() - started:.0f} s)"
         )
     return skipped
 
@@ -478,6 +495,7 @@ def section_rows(section: Section, results: Mapping[str, Mapping[int, dict]]) ->
             continue
         seeds = sorted(runs)
         acc = summarize([runs[s]["test_acc"] for s in seeds])
+        measured = [s for s in seeds if not runs[s].get("diverged")]
         row: dict[str, Any] = {
             "variant": variant.label,
             "method": variant.method,
@@ -486,9 +504,10 @@ def section_rows(section: Section, results: Mapping[str, Mapping[int, dict]]) ->
             "test_acc": [runs[s]["test_acc"] for s in seeds],
             "acc_mean": acc.mean,
             "acc_std": acc.std,
-            "sharpness_mean": summarize([runs[s]["sam_sharpness"] for s in seeds]).mean,
-            "lambda_max_mean": summarize([runs[s]["lambda_max"] for s in seeds]).mean,
-            "train_loss_mean": summarize([runs[s]["train_loss"] for s in seeds]).mean,
+            "diverged": len(seeds) - len(measured),
+            "sharpness_mean": _mean_or_none([runs[s]["sam_sharpness"] for s in measured]),
+            "lambda_max_mean": _mean_or_none([runs[s]["lambda_max"] for s in measured]),
+            "train_loss_mean": _mean_or_none([runs[s]["train_loss"] for s in measured]),
             "wall_time_mean": summarize([runs[s]["train_wall_time"] for s in seeds]).mean,
         }
         base = results.get(variant.baseline, {})
@@ -500,6 +519,14 @@ def section_rows(section: Section, results: Mapping[str, Mapping[int, dict]]) ->
             row["diff"] = dataclasses.asdict(d)
         rows.append(row)
     return rows
+
+
+def _mean_or_none(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def format_section(section: Section, rows: Sequence[Mapping[str, Any]]) -> str:
@@ -518,16 +545,22 @@ def format_section(section: Section, rows: Sequence[Mapping[str, Any]]) -> str:
             )
         else:
             d = "—"
+        n = f"{r['n']} ({r['diverged']} diverged)" if r.get("diverged") else f"{r['n']}"
         lines.append(
-            f"| {r['variant']} | {r['n']} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}"
-            f" | {d} | {r['sharpness_mean']:.4f} | {r['lambda_max_mean']:.2f}"
-            f" | {r['train_loss_mean']:.3f} | {r['wall_time_mean']:.0f} |"
+            f"| {r['variant']} | {n} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}"
+            f" | {d} | {_cell(r['sharpness_mean'], '.4f')} | {_cell(r['lambda_max_mean'], '.2f')}"
+            f" | {_cell(r['train_loss_mean'], '.3f')} | {r['wall_time_mean']:.0f} |"
         )
     baselines = sorted({v.baseline for v in section.variants})
     lines.append("")
     lines.append(
         f"Δ is against {', '.join(baselines)} with the same seed (and learning rate); "
         "* marks an interval that excludes 0."
+        + (
+            " Sharpness, λmax and train loss are means over the runs that did not diverge."
+            if any(r.get("diverged") for r in rows)
+            else ""
+        )
     )
     return "\n".join(lines)
 

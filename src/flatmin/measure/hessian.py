@@ -115,7 +115,13 @@ class HessianOperator:
                 if hv is not None:
                     acc.add_(hv)
         self.num_products += 1
-        return torch.cat([r.reshape(-1) for r in result])
+        product = torch.cat([r.reshape(-1) for r in result])
+        if not bool(torch.isfinite(product).all()):
+            raise ValueError(
+                "the Hessian-vector product is not finite (NaN or inf): expected a model "
+                "with finite weights and a finite loss on the batches"
+            )
+        return product
 
     def _sizes(self) -> list[int]:
         return [p.numel() for p in self.params]
