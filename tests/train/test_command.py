@@ -82,6 +82,18 @@ def test_missing_data_directory_says_what_was_expected(tmp_path, capsys):
     assert "train-images-idx3-ubyte.gz" in err and "t10k-labels-idx1-ubyte.gz" in err
 
 
+def test_a_diverging_run_exits_1_and_says_what_it_kept(tmp_path, capsys):
+    assert _train(tmp_path, "--epochs", "3", "--lr", "1e30") == 1
+    err = capsys.readouterr().err
+    assert "sgd diverged: the weights are not finite after epoch 1" in err
+    assert "no checkpoint was written" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    (record,) = [
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert record["diverged"] is True and record["epoch"] == 1
+
+
 def test_stop_after_then_resume_equals_a_straight_run(tmp_path):
     assert _train(tmp_path, "--method", "sam", "--epochs", "3", out="straight") == 0
     assert _train(tmp_path, "--method", "sam", "--epochs", "3", "--stop-after", "1") == 0

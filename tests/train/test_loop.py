@@ -114,6 +114,31 @@ def test_ctrl_c_keeps_the_last_complete_epoch(tmp_path):
     _assert_same_tensors(_state(tmp_path / "run")["model"], _state(tmp_path / "straight")["model"])
 
 
+def test_a_diverged_run_stops_and_keeps_the_last_finite_checkpoint(tmp_path):
+    def blow_up(epoch, step):  # as a too-large step would: the weights turn NaN in epoch 2
+        if epoch == 1 and step == 0:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+    logged = []
+    trainer = Trainer(_config("sam"), tmp_path / "run", progress=False, log=logged.append,
+                      step_callbacks=[blow_up])  # fmt: skip
+    records = trainer.run()
+    assert [r["epoch"] for r in records] == [1, 2]  # of 4: it stopped
+    assert records[-1]["diverged"] is True and "diverged" not in records[0]
+    on_disk = ckpt.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r.get("diverged", False) for r in on_disk] == [False, True]
+    state = _state(tmp_path / "run")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert "not finite after epoch 2" in logged[-1] and "keeps epoch 1" in logged[-1]
+
+    # Resuming continues from the finite epoch 1, as the uninterrupted run would have.
+    resumed = Trainer(_config("sam"), tmp_path / "run", progress=False).run(resume=True)
+    straight = Trainer(_config("sam"), tmp_path / "straight", progress=False).run()
+    assert _without_times(resumed) == _without_times(straight)
+
+
 def test_an_existing_run_is_not_overwritten(tmp_path):
     Trainer(_config(epochs=1), tmp_path, progress=False).run()
     before = (tmp_path / "checkpoint.pt").read_bytes()

@@ -409,13 +409,14 @@ def measure_final(trainer: Any, samples: int = MEASURE_SAMPLES) -> dict[str, Any
     from torch.nn import functional as F
 
     from flatmin.measure import hessian_eigenvalues, sam_sharpness
+    from flatmin.train.loop import weights_are_finite
 
     bundle = trainer.config.load_data(augment=False)
     n = min(samples, len(bundle.train))
     items = bundle.train.__getitems__(list(range(n)))
     batch = (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
     model = trainer.model
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+    if not weights_are_finite(model):
         # The run diverged: its weights hold NaN or inf, and so would every measure.
         return {
             "sam_sharpness": None,

@@ -45,7 +45,8 @@ on small ones check the premise first. Training the 5k-parameter MNIST-1D CNN un
 ``‖g_v‖/‖g‖ ≈ 0.18`` and consecutive ``g_v`` had cosine ≈ 0.23
 (``benchmarks/looksam_direction.py``), so the reuse steps push a mostly stale direction at
 ``0.7‖g‖`` (four times SAM's own share); with α = 0.7 that run failed to train on 2 of 5
-seeds. Under bf16 autocast a small model's ε is mostly below the weights' bf16 resolution,
+seeds, and an MLP on the whole clean Fashion-MNIST diverged to NaN on 1 of 5
+(``benchmarks/RESULTS.md``, full accuracy preset). Under bf16 autocast a small model's ε is mostly below the weights' bf16 resolution,
 so ``g_s ≈ g`` and ``g_v`` is small and noisy (cosine of ``g`` and ``g_s`` 0.99999 vs 0.987
 in float32 on a 6-16-16-4 network).
 """

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from flatmin.train import checkpoint as ckpt
-from flatmin.train.loop import DEFAULT_MODELS, SCHEDULES, TrainConfig, Trainer, resume_conflicts
+from flatmin.train.loop import (
+    DEFAULT_MODELS,
+    SCHEDULES,
+    TrainConfig,
+    Trainer,
+    divergence_message,
+    resume_conflicts,
+)
 from flatmin.train.registry import METHODS, all_hyperparameters
 
 _DEFAULTS = TrainConfig()
@@ -216,6 +223,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    if records and records[-1].get("diverged"):
+        checkpoint = Path(out) / ckpt.CHECKPOINT_NAME
+        print(
+            f"flatmin train: {config.method} {divergence_message(checkpoint, records[-1]['epoch'])}",
+            file=sys.stderr,
+        )
+        return 1
     if records:
         last = records[-1]
         print(

@@ -13,6 +13,10 @@ and every random generator the loop draws from.
 The loop has no per-method branches: each step is ``method.train_step(...)`` and each
 epoch starts with ``method.set_epoch(epoch)`` (epochs are 0-based there, as in the SAF
 code; the records count completed epochs from 1).
+
+A run whose weights stop being finite (NaN or inf after an epoch) has diverged: that
+epoch's record is written with ``"diverged": true``, the checkpoint keeps the last epoch
+whose weights were finite, and training stops.
 """
 
 from __future__ import annotations
@@ -233,6 +237,12 @@ def evaluate(model: nn.Module, loader: Iterable) -> tuple[float, float]:
     return loss_sum / count, correct / count
 
 
+def weights_are_finite(model: nn.Module) -> bool:
+    """Whether every parameter and floating-point buffer of ``model`` is finite."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (the global generator, for code that uses it)
@@ -354,17 +364,25 @@ class Trainer:
                 if run.sharpness_batch is not None:
                     record["sharpness"] = self._sharpness(run.model, run.sharpness_batch)
                 record["wall_time"] = wall_offset + time.perf_counter() - started
+                diverged = not weights_are_finite(run.model)
+                if diverged:
+                    record["diverged"] = True
                 records.append(record)
                 with ckpt.interrupts_deferred():  # the two files of an epoch go together
-                    ckpt.save_checkpoint(
-                        self.checkpoint_path, run.state(config_dict, epoch + 1, records)
-                    )
+                    if not diverged:  # else the last finite epoch's checkpoint stays
+                        ckpt.save_checkpoint(
+                            self.checkpoint_path, run.state(config_dict, epoch + 1, records)
+                        )
                     ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
                 epochs.set_postfix(test_acc=f"{record['test_acc']:.4f}")
                 if self.log is not None:
                     self.log(_summary(record, config.epochs))
                 for callback in self.epoch_callbacks:
                     callback(record)
+                if diverged:
+                    if self.log is not None:
+                        self.log(divergence_message(self.checkpoint_path, epoch + 1))
+                    break
         return records
 
     def _build(self) -> _Run:
@@ -478,6 +496,12 @@ class Trainer:
             model, nn.functional.cross_entropy, batch, rho=self.config.sharpness_rho
         )
         return float(result.value)
+
+
+def divergence_message(checkpoint: Path, epoch: int) -> str:
+    """What a run that diverged in ``epoch`` (counted from 1) left behind."""
+    kept = f"{checkpoint} keeps epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
+    return f"diverged: the weights are not finite after epoch {epoch}; training stopped, {kept}"
 
 
 def _summary(record: Mapping[str, Any], epochs: int) -> str:
