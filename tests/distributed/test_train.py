@@ -59,6 +59,14 @@ def _assert_equal(a, b, path):
         assert a == b, path
 
 
+def test_a_diverging_run_stops_on_every_process_together(tmp_path):
+    config = TrainConfig(method="sgd", dataset="digits", model="mlp", epochs=3, subset=128,
+                         batch_size=32, hyperparameters={"lr": 1e30})  # fmt: skip
+    records = run_distributed(config, tmp_path, 2)  # a process that kept training would hang
+    assert [r["epoch"] for r in records] == [1] and records[0]["diverged"] is True
+    assert not (tmp_path / ckpt.CHECKPOINT_NAME).exists()  # no epoch had finite weights
+
+
 def test_rejects_a_batch_that_does_not_split_evenly(tmp_path):
     with pytest.raises(ValueError, match="divisible"):
         run_distributed(
