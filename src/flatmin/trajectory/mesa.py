@@ -58,7 +58,8 @@ class MESA:
     updated from the first step on.
 
     **Cost.** One extra forward pass in eval mode, one copy of the weights and buffers and
-    the folded weights below (:attr:`memory_bytes`); the paper reports ~15 % lower throughput and 98 MB for ResNet-50
+    the folded weights below (:attr:`memory_bytes`; ``fold_batchnorm=False`` keeps one copy
+    at the unfolded forward's speed); the paper reports ~15 % lower throughput and 98 MB for ResNet-50
     on GPUs. The throughput share is ``step / (step + teacher forward)``, so it depends on
     how expensive a forward is relative to a training step on the hardware at hand. A
     forward is about a third of a training step's FLOPs, so where both run equally
