@@ -21,7 +21,7 @@ Presets (``--study``):
   swept; SGD / SAM / StableSAM over a learning-rate sweep; a small search of budget and ρ
   on Fashion-MNIST with 40 % noise (SGD vs SAM), then every method on Fashion-MNIST clean
   and with 40 % noise (a 10k-sample subset; MLP).
-- ``full`` (≈ 3.5 CPU-hours): the MNIST-1D sections with 100 epochs and the
+- ``full`` (≈ 3 CPU-hours): the MNIST-1D sections with 100 epochs and the
   learning-rate sweep over 5 seeds; every method on the whole Fashion-MNIST training set
   (MLP), clean for 30 epochs and with 40 % noise for 60.
 
