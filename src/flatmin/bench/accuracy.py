@@ -523,7 +523,9 @@ def section_rows(section: Section, results: Mapping[str, Mapping[int, dict]]) ->
 
 
 def _mean_or_none(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    from flatmin.bench.stats import summarize
+
+    return summarize(values).mean if values else None
 
 
 def _cell(value: float | None, spec: str) -> str:
