@@ -126,8 +126,16 @@ def test_zero_before_start_without_running_the_teacher():
 def test_bad_input_is_a_clear_error():
     with pytest.raises(TypeError, match=r"nn\.Module"):
         MESA(object())
-    with pytest.raises(ValueError, match="decay"):
+    with pytest.raises(
+        ValueError, match=r"decay must be a finite number >= 0.0 and <= 1.0, got 1.5"
+    ):
         MESA(_model(), decay=1.5)
+    with pytest.raises(ValueError, match="decay must be a finite number"):
+        MESA(_model(), decay=float("nan"))
+    with pytest.raises(ValueError, match=r"tau must be a finite number > 0\.0, got -1"):
+        MESA(_model(), tau=-1)
+    with pytest.raises(TypeError, match="start_epoch must be an integer"):
+        MESA(_model(), start_epoch="5")
     mesa = MESA(_model(), start_epoch=0)
     mesa.set_epoch(1)
     with pytest.raises(ValueError, match=r"student's shape \(4, 2\)"):

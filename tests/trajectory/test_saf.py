@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -120,15 +121,34 @@ def test_bad_input_names_the_expected_shape_and_changes_nothing():
     assert torch.equal(saf.store.written_epoch, before[1])
 
 
-def test_constructor_validation():
-    with pytest.raises(ValueError, match="lag_epochs"):
-        SAF(10, 4, lag_epochs=0)
-    with pytest.raises(ValueError, match="tau"):
-        SAF(10, 4, tau=0)
-    with pytest.raises(ValueError, match="num_classes"):
-        SAF(10, 0)
-    with pytest.raises(ValueError, match="epoch"):
-        SAF(10, 4).set_epoch(-1)
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"lag_epochs": 0}, ValueError, "lag_epochs must be an integer >= 1, got 0"),
+        ({"lag_epochs": 2.0}, TypeError, "lag_epochs must be an integer"),
+        ({"tau": 0}, ValueError, "tau must be a finite number > 0.0, got 0"),
+        ({"tau": float("inf")}, ValueError, "tau must be a finite number"),
+        ({"lam": float("nan")}, ValueError, "lam must be a finite number >= 0.0, got nan"),
+        ({"lam": -0.1}, ValueError, "lam must be a finite number >= 0.0"),
+        ({"lam": True}, TypeError, "lam must be a finite number"),
+        ({"start_epoch": 1.5}, TypeError, "start_epoch must be an integer, got 1.5"),
+        ({"num_classes": 0}, ValueError, "num_classes must be an integer >= 1, got 0"),
+        ({"store_dtype": torch.bfloat16}, ValueError, "dtype must be one of torch.float16"),
+    ],
+)
+def test_constructor_validation(kwargs, error, message):
+    settings = {"num_samples": 10, "num_classes": 4, **kwargs}
+    with pytest.raises(error, match=re.escape(message)):
+        SAF(**settings)
+
+
+def test_set_epoch_takes_a_non_negative_int():
+    saf = SAF(10, 4)
+    with pytest.raises(ValueError, match="epoch must be an integer >= 0, got -1"):
+        saf.set_epoch(-1)
+    with pytest.raises(TypeError, match=r"epoch must be an integer >= 0, got 1\.0"):
+        saf.set_epoch(1.0)
+    assert saf.epoch == 0
 
 
 def test_memory_bytes_for_cifar10_and_the_documented_imagenet_figure():

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from flatmin._checks import check_choice
 from flatmin.distributed.collectives import (
     STATISTICS_SYNCS,
     ProcessGroup,
@@ -54,10 +55,7 @@ class DistributedMESA:
     ) -> None:
         if not isinstance(mesa, MESA):
             raise TypeError(f"expected a flatmin.MESA to wrap, got {type(mesa).__name__}")
-        if statistics not in STATISTICS_SYNCS:
-            raise ValueError(
-                f"expected statistics to be one of {STATISTICS_SYNCS}, got {statistics!r}"
-            )
+        check_choice("statistics", statistics, STATISTICS_SYNCS)
         self.mesa = mesa
         self.statistics = statistics
         self.process_group = process_group

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flatmin._checks import check_choice, check_int
+
 NEVER_WRITTEN = torch.iinfo(torch.int32).min
 """Epoch recorded in a slot nothing has been written to (never equal to ``e − Ẽ``)."""
 
@@ -77,15 +79,10 @@ class LogitStore:
         device: torch.device | str = "cpu",
         memmap_path: str | Path | None = None,
     ) -> None:
-        for name, value in (
-            ("num_samples", num_samples),
-            ("num_classes", num_classes),
-            ("num_slots", num_slots),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
-        if dtype not in _NUMPY_DTYPES:
-            raise TypeError(f"expected dtype torch.float16 or torch.float32, got {dtype}")
+        num_samples = check_int("num_samples", num_samples, minimum=1)
+        num_classes = check_int("num_classes", num_classes, minimum=1)
+        num_slots = check_int("num_slots", num_slots, minimum=1)
+        check_choice("dtype", dtype, tuple(_NUMPY_DTYPES))
         device = torch.device(device)
         if memmap_path is not None and device.type != "cpu":
             raise ValueError(f"a memory-mapped store must be on the CPU, got device={device}")

@@ -9,10 +9,18 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from flatmin.trajectory._state import check_term_settings, require_keys
+from flatmin._checks import check_choice, check_int, check_real
+from flatmin.trajectory._state import require_keys
 from flatmin.trajectory.kl import tempered_kl, zero_term
 
 MemoryFormatChoice = torch.memory_format | Literal["auto"] | None
+MEMORY_FORMATS = (
+    "auto",
+    None,
+    torch.contiguous_format,
+    torch.channels_last,
+    torch.channels_last_3d,
+)
 
 
 class MESA:
@@ -118,22 +126,12 @@ class MESA:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"expected decay in [0, 1], got {decay}")
-        check_term_settings(lam, tau, start_epoch)
-        if not (
-            teacher_memory_format in (None, "auto")
-            or isinstance(teacher_memory_format, torch.memory_format)
-        ):
-            raise ValueError(
-                "expected teacher_memory_format to be a torch.memory_format, 'auto' or None, "
-                f"got {teacher_memory_format!r}"
-            )
+        self.decay = check_real("decay", decay, minimum=0.0, maximum=1.0)
+        self.lam = check_real("lam", lam, minimum=0.0)
+        self.tau = check_real("tau", tau, minimum=0.0, exclusive_minimum=True)
+        self.start_epoch = check_int("start_epoch", start_epoch)
+        check_choice("teacher_memory_format", teacher_memory_format, MEMORY_FORMATS)
         self.model = model
-        self.decay = float(decay)
-        self.lam = float(lam)
-        self.tau = float(tau)
-        self.start_epoch = start_epoch
         self.warmup = bool(warmup)
         self.num_updates = 0
         self.epoch = 0
@@ -158,9 +156,7 @@ class MESA:
 
     def set_epoch(self, epoch: int) -> None:
         """Set the current 0-based epoch; call it at the start of every epoch."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"expected a non-negative int epoch, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, minimum=0)
 
     def current_decay(self) -> float:
         """``β_t`` for the next update (``t = num_updates + 1``)."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Set
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from flatmin.trajectory._state import check_term_settings, require_keys
+from flatmin._checks import check_int, check_real
 from flatmin.trajectory.kl import tempered_kl, zero_term
 from flatmin.trajectory.logit_store import LogitStore
 
@@ -101,13 +102,10 @@ class SAF:
         device: torch.device | str = "cpu",
         memmap_path: str | Path | None = None,
     ) -> None:
-        check_term_settings(lam, tau, start_epoch)
-        if isinstance(lag_epochs, bool) or not isinstance(lag_epochs, int) or lag_epochs < 1:
-            raise ValueError(f"expected lag_epochs to be a positive int, got {lag_epochs!r}")
-        self.lam = float(lam)
-        self.tau = float(tau)
-        self.lag_epochs = lag_epochs
-        self.start_epoch = start_epoch
+        self.lam = check_real("lam", lam, minimum=0.0)
+        self.tau = check_real("tau", tau, minimum=0.0, exclusive_minimum=True)
+        self.lag_epochs = check_int("lag_epochs", lag_epochs, minimum=1)
+        self.start_epoch = check_int("start_epoch", start_epoch)
         self.store = LogitStore(
             num_samples, num_classes, lag_epochs, store_dtype, device, memmap_path
         )
@@ -135,8 +133,7 @@ class SAF:
 
     def set_epoch(self, epoch: int) -> None:
         """Set the current 0-based epoch; call it at the start of every epoch."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"expected a non-negative int epoch, got {epoch!r}")
+        epoch = check_int("epoch", epoch, minimum=0)
         self._report_skips()
         self.epoch = epoch
         self._last = None
@@ -188,7 +185,7 @@ class SAF:
 
         Everything is checked before anything is changed.
         """
-        require_keys(state, _STATE_KEYS, "SAF")
+        _require_keys(state, _STATE_KEYS)
         if state["lag_epochs"] != self.lag_epochs:
             raise ValueError(
                 f"expected a state with lag_epochs={self.lag_epochs}, got {state['lag_epochs']}"
@@ -227,6 +224,15 @@ class SAF:
 
 
 _STATE_KEYS = {"store", "epoch", "lam", "tau", "lag_epochs", "start_epoch"}
+
+
+def _require_keys(state: Mapping[str, Any], keys: Set[str]) -> None:
+    """Raise a ValueError naming the missing keys unless ``state`` has all of ``keys``."""
+    missing = keys - state.keys()
+    if missing:
+        raise ValueError(
+            f"expected a SAF state with keys {sorted(keys)}; missing {sorted(missing)}"
+        )
 
 
 class _LastBatch:
