@@ -1,5 +1,6 @@
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -226,3 +227,54 @@ def test_load_state_dict_rejects_an_incomplete_state_without_changing_anything()
         saf.load_state_dict(SAF(4, 3, lag_epochs=3).state_dict())
     assert torch.equal(saf.store.logits, before[0])
     assert torch.equal(saf.store.written_epoch, before[1])
+
+
+def _epochs_of_batches(saf, epochs, num_samples, set_epoch, batch=4):
+    """Full passes over ``num_samples`` in batches, with or without ``set_epoch``."""
+    for epoch in range(epochs):
+        if set_epoch:
+            saf.set_epoch(epoch)
+        for idx in torch.randperm(num_samples).split(batch):
+            saf(torch.randn(len(idx), 3), idx)
+
+
+def test_a_forgotten_set_epoch_warns_once_in_the_second_pass_naming_it():
+    saf = SAF(12, 3, lag_epochs=1, start_epoch=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _epochs_of_batches(saf, 1, 12, set_epoch=False)  # one pass: nothing is wrong yet
+        for idx in torch.arange(12).split(4)[:2]:
+            saf(torch.randn(4, 3), idx)
+    with pytest.warns(RuntimeWarning, match=r"24 rows were recorded in epoch 0.*saf\.set_epoch"):
+        saf(torch.randn(4, 3), torch.arange(8, 12))  # the second pass's last batch: 2·N rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per SAF object
+        _epochs_of_batches(saf, 3, 12, set_epoch=False)
+    assert saf.store.written_epoch.unique().tolist() == [0]  # what the warning is about
+
+
+def test_calling_set_epoch_with_the_same_epoch_every_epoch_warns_too():
+    saf = SAF(12, 3, lag_epochs=1, start_epoch=0)
+    with pytest.warns(RuntimeWarning, match="set_epoch") as caught:
+        for _ in range(3):
+            saf.set_epoch(0)
+            _epochs_of_batches(saf, 1, 12, set_epoch=False)
+    assert len(caught) == 1
+
+
+def test_no_warning_for_set_epoch_every_epoch_padded_passes_and_repeated_batches():
+    saf = SAF(12, 3, lag_epochs=1, start_epoch=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(4):
+            saf.set_epoch(epoch)
+            # A DistributedSampler-like pass: every sample, plus 3 padded repeats.
+            order = torch.cat([torch.randperm(12), torch.tensor([0, 1, 2])])
+            for idx in order.split(5):
+                logits = torch.randn(len(idx), 3)
+                saf(logits, idx)
+                saf(logits * 2, idx)  # SAM's second pass over the same batch
+                saf(logits, idx, record=False)
+        # A checkpoint and resume in the middle of an epoch starts counting afresh.
+        saf.load_state_dict(saf.state_dict())
+        _epochs_of_batches(saf, 1, 12, set_epoch=False)

@@ -55,6 +55,13 @@ class SAF:
     valid. Rows that are not finite in the store dtype are never recorded (a warning gives
     the count).
 
+    **A forgotten** ``set_epoch``. Without it every epoch is the same epoch to SAF: each
+    sample keeps its first recorded logits, no target ever becomes valid and the term
+    never starts. Once the rows recorded since the epoch last changed reach
+    ``2·num_samples`` (every sample visited twice on average, which no one-pass-per-epoch
+    loop does), SAF warns once, naming ``set_epoch``. The count is of batch sizes, known
+    on the host, so the check costs no device synchronization.
+
     **Several passes over one batch (SAM, ESAM, …).** A call whose ``indices`` equal those
     of the previous recording call within the same epoch is another pass over the same
     batch: it is compared with the targets the first call read and records nothing. So a
@@ -71,8 +78,7 @@ class SAF:
     ImageNet-1k (N = 1,281,167, C = 1000), float16: Ẽ = 3 → 7,687,002,000 + 15,374,004
     bytes ≈ 7,346 MiB; Ẽ = 2 (the official ImageNet script's lag) → 4,897 MiB. The paper
     reports 14,643 MB for its ResNet-50 run: the official code's Ẽ + 1 = 3 float32 slots
-    at Ẽ = 2 (1,281,167·1000·3·4 bytes = 14,662 MiB); the same lag costs a third of that
-    here. CIFAR-10 (N = 50,000, C = 10),
+    at Ẽ = 2 (1,281,167·1000·3·4 bytes = 14,662 MiB). CIFAR-10 (N = 50,000, C = 10),
     Ẽ = 3, float16: 3.6 MB.
 
     Args:
@@ -85,7 +91,8 @@ class SAF:
         store_dtype: ``torch.float16`` (default) or ``torch.float32``.
         device: where the store lives: the CPU (default) or the training device. On a
             device store, the count of skipped non-finite rows is reported at the next
-            :meth:`set_epoch` so that the hot path stays free of host syncs.
+            :meth:`set_epoch` or :meth:`state_dict`, so that the hot path stays free of
+            host syncs.
         memmap_path: keep the store in a memory-mapped file at this path (created or
             overwritten), for datasets whose store does not fit in memory.
     """
@@ -112,6 +119,8 @@ class SAF:
         self.epoch = 0
         self._last: _LastBatch | None = None
         self._unreported_skips: Tensor | None = None
+        self._rows_this_epoch = 0
+        self._warned_set_epoch = False
 
     @property
     def num_samples(self) -> int:
@@ -135,6 +144,8 @@ class SAF:
         """Set the current 0-based epoch; call it at the start of every epoch."""
         epoch = check_int("epoch", epoch, minimum=0)
         self._report_skips()
+        if epoch != self.epoch:
+            self._rows_this_epoch = 0
         self.epoch = epoch
         self._last = None
 
@@ -150,20 +161,41 @@ class SAF:
             A scalar in ``logits``' dtype promoted to at least float32; an exact zero
             attached to ``logits``' graph before the term starts or without valid rows.
         """
-        last = self._last
-        if last is not None and last.matches(indices):
-            self.store.check_batch(logits, indices)
-            targets, valid = last.targets, last.valid
-        else:
-            exchange = self.store.exchange(logits, indices, self.epoch, record=record)
-            self._note_skips(exchange.skipped)
-            targets = _on_device(exchange.targets, logits.device)
-            valid = _on_device(exchange.valid, logits.device)
-            if record:
-                self._last = _LastBatch(indices, targets, valid)
+        targets, valid = self.lookup(logits, indices, record)
         if not self.active or self.lam == 0:
             return zero_term(logits)
         return tempered_kl(logits, targets, self.tau, valid, weight=self.lam)
+
+    def lookup(self, logits: Tensor, indices: Tensor, record: bool = True) -> tuple[Tensor, Tensor]:
+        """The batch's targets and their validity; records the batch if ``record``.
+
+        Returns ``(targets, valid)`` on ``logits``' device: the stored logits of
+        ``lag_epochs`` epochs ago, shape ``(B, C)`` in the store dtype, and a ``(B,)`` bool
+        mask of the rows that have one (see "Which rows count"). Another pass over the
+        previous recording call's batch returns what that call read and records nothing.
+        """
+        previous = self.previous_lookup(indices)
+        if previous is not None:
+            self.store.check_batch(logits, indices)
+            return previous
+        exchange = self.store.exchange(logits, indices, self.epoch, record=record)
+        self._note_skips(exchange.skipped)
+        targets = _on_device(exchange.targets, logits.device)
+        valid = _on_device(exchange.valid, logits.device)
+        if record:
+            self._last = _LastBatch(indices, targets, valid)
+            self._count_rows(indices.shape[0])
+        return targets, valid
+
+    def previous_lookup(self, indices: Tensor) -> tuple[Tensor, Tensor] | None:
+        """What the previous recording call of this epoch read, if it had these ``indices``.
+
+        ``None`` when ``indices`` differ (a new batch), so the caller must look it up.
+        """
+        last = self._last
+        if last is not None and last.matches(indices):
+            return last.targets, last.valid
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Store contents, the epochs that wrote them, the current epoch and the settings.
@@ -196,6 +228,21 @@ class SAF:
         self.tau = float(state["tau"])
         self.start_epoch = int(state["start_epoch"])
         self._last = None
+        self._rows_this_epoch = 0
+
+    def _count_rows(self, rows: int) -> None:
+        self._rows_this_epoch += rows
+        if self._rows_this_epoch >= 2 * self.num_samples and not self._warned_set_epoch:
+            self._warned_set_epoch = True
+            warnings.warn(
+                f"SAF: {self._rows_this_epoch} rows were recorded in epoch {self.epoch}, "
+                f"twice the {self.num_samples} samples: call saf.set_epoch(epoch) with the "
+                "0-based epoch at the start of every epoch. Within one epoch SAF compares "
+                "and records each sample only at its first visit, so without it no target "
+                "becomes valid and the term never starts",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _note_skips(self, skipped: Tensor) -> None:
         if self.store.device.type == "cpu":
@@ -236,7 +283,7 @@ def _require_keys(state: Mapping[str, Any], keys: Set[str]) -> None:
 
 
 class _LastBatch:
-    """The previous call's indices and the targets it read, for repeated passes."""
+    """The previous recording call's indices and the targets it read, for repeated passes."""
 
     def __init__(self, indices: Tensor, targets: Tensor, valid: Tensor) -> None:
         self.indices = indices.clone()
