@@ -7,6 +7,7 @@ Each worker is a module-level function ``fn(rank, world_size, out_dir, ...)`` (s
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -308,9 +309,40 @@ def saf_train_run(rank: int, world_size: int, out_dir: str) -> None:
     )
 
 
+SAF_PADDED_SAMPLES = 7  # DistributedSampler pads an epoch of 2 processes to 8 rows
+
+
+def saf_warning_run(rank: int, world_size: int, out_dir: str) -> None:
+    """The warnings each process sees: none for padded epochs with ``set_epoch``; a skipped
+    non-finite row of rank 1 on both processes; a forgotten ``set_epoch`` once."""
+    saf = DistributedSAF(SAF(SAF_PADDED_SAMPLES, 3, lag_epochs=1, start_epoch=0))
+    caught = {}
+
+    def epochs(name: str, first: int, count: int, set_epoch: bool, poison: bool = False):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for epoch in range(first, first + count):
+                if set_epoch:
+                    saf.set_epoch(epoch)
+                order = torch.tensor(rank_order(SAF_PADDED_SAMPLES, epoch, rank, world_size))
+                for idx in order.split(2):
+                    logits = synthetic_logits(idx, epoch)
+                    if poison and rank == 1:
+                        logits[0, 0] = float("nan")
+                        poison = False
+                    saf(logits, idx)
+        caught[name] = [str(w.message) for w in seen]
+
+    epochs("with_set_epoch", 0, 3, set_epoch=True)
+    epochs("non_finite", 3, 1, set_epoch=True, poison=True)
+    epochs("forgotten", 4, 3, set_epoch=False)
+    torch.save(caught, Path(out_dir) / f"saf_warnings_{rank}.pt")
+
+
 def all_saf_runs(rank: int, world_size: int, out_dir: str) -> None:
     saf_lookup_run(rank, world_size, out_dir)
     saf_train_run(rank, world_size, out_dir)
+    saf_warning_run(rank, world_size, out_dir)
 
 
 # -- SAM + SAF + MESA with a rank-0 checkpoint and a restart --------------------------------

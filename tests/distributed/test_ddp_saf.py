@@ -35,7 +35,7 @@ def runs(ddp_results):
     out = ddp_results
     return {
         name: [torch.load(out / f"{name}_{r}.pt") for r in range(WORLD)]
-        for name in ("saf_lookup", "saf_train")
+        for name in ("saf_lookup", "saf_train", "saf_warnings")
     }
 
 
@@ -155,3 +155,25 @@ def test_rejects_what_is_not_a_saf_and_bad_batches():
     with pytest.raises(ValueError, match=r"\(B, 3\)"):
         wrapped(torch.randn(2, 5), torch.tensor([0, 1]))
     assert torch.equal(wrapped.state_dict()["store"]["written_epoch"], before)
+
+
+def test_every_process_warns_from_the_wrapped_saf_and_only_when_something_is_wrong(runs):
+    for caught in runs["saf_warnings"]:
+        assert caught["with_set_epoch"] == []  # padded epochs (8 rows for 7 samples) are fine
+        # Rank 1's NaN row is part of the global batch that both processes record.
+        assert len(caught["non_finite"]) == 1
+        assert caught["non_finite"][0].startswith("SAF: 1 logit row(s) were not finite")
+        # Epochs 4-6 without set_epoch: 16 rows reach 2 x 7 in the second of them, once.
+        assert len(caught["forgotten"]) == 1
+        assert caught["forgotten"][0].startswith("SAF: 16 rows were recorded in epoch 3")
+        assert "saf.set_epoch(epoch)" in caught["forgotten"][0]
+
+
+def test_single_process_wrapper_warns_for_non_finite_rows_and_a_forgotten_set_epoch():
+    wrapped = DistributedSAF(SAF(4, 3, lag_epochs=1))
+    logits = torch.randn(4, 3)
+    logits[2, 1] = float("inf")
+    with pytest.warns(RuntimeWarning, match=r"1 logit row\(s\) were not finite"):
+        wrapped(logits, torch.arange(4))
+    with pytest.warns(RuntimeWarning, match=r"8 rows were recorded in epoch 0.*set_epoch"):
+        wrapped(torch.randn(4, 3), torch.arange(4).flip(0))  # a new batch, not another pass

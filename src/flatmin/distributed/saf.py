@@ -34,7 +34,6 @@ onto two processes counts once, at its first occurrence in rank order.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -60,10 +59,10 @@ class DistributedSAF:
                 logits = ddp_model(x)
                 loss = F.cross_entropy(logits, y) + saf(logits, idx)
 
-    Every call is a collective: all processes must call it the same number of times.
-    A call whose global indices equal the previous recording call's in the same epoch is
-    another pass over the same batch (SAM's second pass): it reuses the targets it read
-    and records nothing, as SAF does.
+    Every call is a collective: all processes must call it the same number of times. The
+    wrapper only gathers: the look-up, the record, the reuse of the targets on another
+    pass over the same batch (SAM's second pass) and the warnings are the wrapped SAF's,
+    applied to the global batch.
     """
 
     def __init__(self, saf: SAF, process_group: ProcessGroup = None) -> None:
@@ -71,7 +70,6 @@ class DistributedSAF:
             raise TypeError(f"expected a flatmin.SAF to wrap, got {type(saf).__name__}")
         self.saf = saf
         self.process_group = process_group
-        self._last: tuple[Tensor, Tensor, Tensor] | None = None
 
     # -- SAF's surface ----------------------------------------------------------------
 
@@ -91,7 +89,6 @@ class DistributedSAF:
     def set_epoch(self, epoch: int) -> None:
         """Set the current 0-based epoch (call on every process at every epoch start)."""
         self.saf.set_epoch(epoch)
-        self._last = None
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped SAF's state; identical on every process, so rank 0's is enough."""
@@ -99,44 +96,32 @@ class DistributedSAF:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.saf.load_state_dict(state)
-        self._last = None
 
     # -- the exchange -------------------------------------------------------------------
 
     def exchange(
         self, logits: Tensor, indices: Tensor, record: bool = True
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """All-gather the batch, read and record it in the store; return this rank's part.
+        """All-gather the batch, look it up (and record it) in SAF; return this rank's part.
 
         Returns ``(targets, valid, global_valid_count)``: the stored logits for this
-        process's rows (store dtype, on ``logits``' device), their ``(B,)`` validity and
-        the number of valid rows in the whole global batch (a 0-dim tensor).
+        process's rows (store dtype), their ``(B,)`` validity and the number of valid rows
+        in the whole global batch (a 0-dim tensor), all on ``logits``' device (where the
+        batch was gathered).
         """
-        store = self.saf.store
-        store.check_batch(logits, indices)
-        local_indices = indices.to(torch.long)
-        sizes = _gather_batch_sizes(local_indices.shape[0], self.saf.epoch, self.process_group)
-        all_indices = _all_gather_rows(local_indices, sizes, self.process_group)
-        rank = dist.get_rank(self.process_group) if world_size(self.process_group) > 1 else 0
+        saf, group = self.saf, self.process_group
+        saf.store.check_batch(logits, indices)
+        sizes = _gather_batch_sizes(indices.shape[0], saf.epoch, group)
+        all_indices = _all_gather_rows(indices.to(torch.long), sizes, group)
+        found = saf.previous_lookup(all_indices)
+        if found is None:  # a new batch: its logits are needed, in the store's dtype
+            all_logits = _all_gather_rows(logits.detach().to(saf.store.dtype), sizes, group)
+            found = saf.lookup(all_logits, all_indices, record)
+        targets, valid = found
+        rank = dist.get_rank(group) if len(sizes) > 1 else 0
         start = sum(sizes[:rank])
         rows = slice(start, start + sizes[rank])
-        last = self._last
-        if last is not None and torch.equal(last[0], all_indices):
-            targets, valid = last[1], last[2]
-        else:
-            new_rows = logits.detach().to(store.dtype)
-            all_logits = _all_gather_rows(new_rows, sizes, self.process_group)
-            result = store.exchange(all_logits, all_indices, self.saf.epoch, record=record)
-            _warn_if_skipped(result.skipped, store.device)
-            targets, valid = result.targets, result.valid
-            if record:
-                self._last = (all_indices, targets, valid)
-        count = valid.sum()
-        return (
-            targets[rows].to(logits.device, non_blocking=True),
-            valid[rows].to(logits.device, non_blocking=True),
-            count.to(logits.device, non_blocking=True),
-        )
+        return targets[rows], valid[rows], valid.sum()
 
     def __call__(self, logits: Tensor, indices: Tensor, record: bool = True) -> Tensor:
         """This process's share of ``λ·τ²·mean KL(past ‖ present)`` over the global batch.
@@ -184,16 +169,3 @@ def _all_gather_rows(rows: Tensor, sizes: list[int], group: ProcessGroup) -> Ten
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-
-def _warn_if_skipped(skipped: Tensor, device: torch.device) -> None:
-    if device.type != "cpu":
-        return
-    count = int(skipped)
-    if count:
-        warnings.warn(
-            f"SAF: {count} logit row(s) of the global batch were not finite in the store's "
-            "dtype and were not recorded; those samples will have no target later",
-            RuntimeWarning,
-            stacklevel=4,
-        )
