@@ -266,7 +266,11 @@ def test_select_samples_keeps_ceil_gamma_b_of_the_largest_rises():
 
 class TestBadInput:
     @pytest.mark.parametrize("name", ["beta", "gamma"])
-    @pytest.mark.parametrize("value", [0.0, -0.2, 1.5, True])
-    def test_fractions_outside_zero_one(self, name, value):
-        with pytest.raises(ValueError, match=rf"{name} is the .* must be in \(0, 1\]"):
+    @pytest.mark.parametrize(
+        "value, error",
+        [(0.0, ValueError), (-0.2, ValueError), (1.5, ValueError), (True, TypeError)],
+    )
+    def test_fractions_outside_zero_one(self, name, value, error):
+        expected = rf"{name} must be a finite number > 0.0 and <= 1.0 \(the .*ESAM's default"
+        with pytest.raises(error, match=expected):
             ESAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, **{name: value})

@@ -45,6 +45,46 @@ def test_update_direction_matches_closed_form(alpha):
     torch.testing.assert_close(flat(model), v - LR * (g_s - alpha * g_perp), rtol=0, atol=1e-14)
 
 
+def test_stable_renormalizes_the_final_direction_to_the_clean_gradient_norm():
+    w, b, A = make_problem()
+    models, alpha, rho = {}, 1.3, 0.5
+    for stable in (False, True):
+        models[stable] = Quadratic(w, b, A)
+        opt = GSAM(
+            models[stable].parameters(),
+            torch.optim.SGD,
+            rho=rho,
+            alpha=alpha,
+            rho_min=rho,
+            stable=stable,
+            lr=LR,
+        )
+        one_step(opt, models[stable])
+    v = flat(Quadratic(w, b, A))
+    g = grad_at(A, v)
+    g_s = grad_at(A, v + rho * g / g.norm())
+    d = g_s - alpha * (g - (g @ g_s) / (g_s @ g_s) * g_s)
+    gamma = g.norm() / d.norm()
+    assert abs(gamma - 1) > 0.1
+    torch.testing.assert_close(flat(models[True]), v - LR * gamma * d, rtol=0, atol=1e-14)
+    torch.testing.assert_close(flat(models[False]), v - LR * d, rtol=0, atol=1e-14)
+
+
+def test_stable_cap_limits_the_factor_to_one():
+    w, b, A = make_problem()
+    model = Quadratic(w, b, -A)  # concave: the ascent step shrinks the gradient
+    v = flat(model)
+    rho, alpha = 0.1, 0.1
+    opt = GSAM(model.parameters(), torch.optim.SGD, rho=rho, alpha=alpha, rho_min=rho, lr=LR,
+               stable=True, stable_cap=True)  # fmt: skip
+    one_step(opt, model)
+    g = grad_at(-A, v)
+    g_s = grad_at(-A, v + rho * g / g.norm())
+    d = g_s - alpha * (g - (g @ g_s) / (g_s @ g_s) * g_s)
+    assert g.norm() / d.norm() > 1
+    torch.testing.assert_close(flat(model), v - LR * d, rtol=0, atol=1e-14)
+
+
 def test_clean_gradient_buffer_is_reused_and_holds_each_step_s_gradient():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -134,13 +174,38 @@ def test_schedule_settings_are_checkpointed():
 
 class TestBadInput:
     @pytest.mark.parametrize(
+        "group, match",
+        [
+            ({"rho": float("nan")}, "rho(_max)? must be a finite number >= 0"),
+            ({"rho": float("inf")}, "rho(_max)? must be a finite number >= 0"),
+            ({"rho": -0.1}, "rho(_max)? must be a finite number >= 0"),
+            ({"rho_max": float("inf")}, "rho_max must be a finite number >= 0"),
+            ({"rho_min": float("nan")}, "rho_min must be a finite number >= 0"),
+            ({"lr_min": -1.0}, "lr_min must be a finite number >= 0"),
+            ({"lr_max": float("nan")}, "lr_max must be a finite number"),
+        ],
+    )
+    @pytest.mark.parametrize("where", ["constructor", "added"])
+    def test_bad_schedule_in_a_group(self, group, match, where):
+        net = nn.Linear(2, 2)
+        if where == "constructor":
+            groups = [{"params": [net.weight]}, {"params": [net.bias], **group}]
+            with pytest.raises(ValueError, match=match):
+                GSAM(groups, torch.optim.SGD, lr=0.1)
+        else:
+            opt = GSAM([net.weight], torch.optim.SGD, lr=0.1)
+            with pytest.raises(ValueError, match=match):
+                opt.add_param_group({"params": [net.bias], **group})
+            assert len(opt.param_groups) == 1
+
+    @pytest.mark.parametrize(
         "kwargs, match",
         [
-            (dict(alpha=-0.1), "alpha must be a number >= 0"),
+            (dict(alpha=-0.1), "alpha must be a finite number >= 0"),
             (dict(rho=0.05, rho_min=0.1), "rho_min .* must not exceed rho"),
-            (dict(rho_min=-0.01), "rho_min must be a number >= 0"),
-            (dict(lr_max=0.01, lr_min=0.1), "lr_max must be a number >= lr_min"),
-            (dict(rho=-1.0), "rho must be a non-negative number"),
+            (dict(rho_min=-0.01), "rho_min must be a finite number >= 0"),
+            (dict(lr_max=0.01, lr_min=0.1), "lr_max must be a finite number >= 0.1"),
+            (dict(rho=-1.0), "rho must be a finite number >= 0"),
         ],
     )
     def test_rejected_settings(self, kwargs, match):

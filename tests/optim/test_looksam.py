@@ -90,6 +90,31 @@ def test_full_and_reuse_steps_match_closed_form(base):
         torch.testing.assert_close(flat(model), ref_param.detach(), rtol=0, atol=1e-13)
 
 
+def test_stable_renormalizes_full_and_reuse_directions_to_the_clean_gradient_norm():
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    rho, alpha, k, lr = 0.5, 0.7, 2, 0.1
+    opt = LookSAM(
+        model.parameters(), torch.optim.SGD, rho=rho, k=k, alpha=alpha, stable=True, lr=lr
+    )
+    v = flat(model)
+    gammas = []
+    for t in range(5):
+        g = grad_at(A, v)
+        if t % k == 0:
+            g_s = grad_at(A, v + rho * g / g.norm())
+            g_v = g_s - (g @ g_s) / (g @ g) * g
+            d = g_s
+        else:
+            d = g + alpha * g.norm() / g_v.norm() * g_v
+        gammas.append(g.norm() / d.norm())
+        v = v - lr * gammas[-1] * d
+        opt.zero_grad()
+        opt.step(lambda: (loss := model()).backward() or loss)
+        torch.testing.assert_close(flat(model), v, rtol=0, atol=1e-13)
+    assert all(gamma < 0.97 for gamma in gammas)  # every step is rescaled
+
+
 def test_explicit_loop_equals_the_closure_loop_bit_for_bit():
     data = batches(6)
     closure_model = bn_net()
@@ -161,13 +186,15 @@ def test_loading_a_state_of_another_model_changes_nothing():
 
 
 class TestBadInput:
-    @pytest.mark.parametrize("k", [0, -2, 2.5, True])
-    def test_k_must_be_a_positive_integer(self, k):
-        with pytest.raises(ValueError, match="k must be an integer >= 1"):
+    @pytest.mark.parametrize(
+        "k, error", [(0, ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError)]
+    )
+    def test_k_must_be_a_positive_integer(self, k, error):
+        with pytest.raises(error, match="k must be an integer >= 1"):
             LookSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, k=k, lr=0.1)
 
     def test_negative_alpha(self):
-        with pytest.raises(ValueError, match="alpha must be a number >= 0"):
+        with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
             LookSAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, alpha=-0.5, lr=0.1)
 
 

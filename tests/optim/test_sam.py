@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from flatmin import ASAM, SAM, StableSAM
+from flatmin.optim._buckets import is_adaptive_weight
 
 DT = torch.float64
 
@@ -99,6 +101,78 @@ def test_asam_official_form_scales_weights_not_biases():
     torch.testing.assert_close(flat(model), expected_step(A, v, eps), rtol=0, atol=1e-14)
 
 
+class TinyViT(nn.Module):
+    """A class token, position embeddings, attention with a relative-position bias table
+    and a LayerScale ``gamma``: the parameter names the ASAM name rule must get right."""
+
+    def __init__(self, dim=8, heads=2, tokens=3):
+        super().__init__()
+        length = tokens + 1
+        self.patch = nn.Linear(4, dim)
+        self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, length, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.relative_position_bias_table = nn.Parameter(0.5 * torch.randn(2 * length - 1, heads))
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+        self.head = nn.Linear(dim, 3)
+        offsets = torch.arange(length)
+        self.register_buffer("relative_index", offsets[:, None] - offsets[None, :] + length - 1)
+
+    def forward(self, x):
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), self.patch(x)], 1)
+        tokens = tokens + self.pos_embed
+        bias = self.relative_position_bias_table[self.relative_index].permute(2, 0, 1)
+        h = self.norm(tokens)
+        attended, _ = self.attn(h, h, h, attn_mask=bias.repeat(len(x), 1, 1), need_weights=False)
+        return self.head((tokens + self.gamma * attended)[:, 0])
+
+
+def official_asam_step(model, x, y, rho, eta, lr):
+    """One ASAM step as Kwon et al. (ICML 2021) define it, with the official code's name
+    rule: ``T = |w| + η`` on parameters whose name contains 'weight', 1 on the others;
+    ``ε = ρ T²g/‖Tg‖``; plain SGD with ``∇L(w + ε)``."""
+    names, params = zip(*model.named_parameters())
+    loss = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    g = torch.autograd.grad(loss(), params)
+    T = [
+        p.detach().abs() + eta if "weight" in n else torch.ones_like(p)
+        for n, p in zip(names, params)
+    ]
+    norm = torch.sqrt(sum(((t * gi) ** 2).sum() for t, gi in zip(T, g)))
+    w = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, t, gi in zip(params, T, g):
+            p.add_(rho * t * t * gi / norm)
+    g_s = torch.autograd.grad(loss(), params)
+    with torch.no_grad():
+        for p, wi, gi in zip(params, w, g_s):
+            p.copy_(wi - lr * gi)
+
+
+def test_asam_follows_the_official_name_rule_on_a_transformer_block():
+    torch.manual_seed(0)
+    ours = TinyViT().double()
+    official = copy.deepcopy(ours)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 4, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    opt = ASAM(ours.named_parameters(), torch.optim.SGD, rho=0.5, eta=0.01, lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(lambda: (loss := nn.functional.cross_entropy(ours(x), y)).backward() or loss)
+        official_asam_step(official, x, y, rho=0.5, eta=0.01, lr=0.1)
+    for (name, p), q in zip(ours.named_parameters(), official.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-13, msg=name)
+    scaled = {n for n, p in ours.named_parameters() if is_adaptive_weight(p, n)}
+    assert scaled == {
+        "patch.weight",
+        "norm.weight",
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+        "head.weight",
+    }
+
+
 def test_asam_without_names_scales_tensors_of_two_or_more_dims():
     w, b, A = make_problem(weight_shape=(2, 3))
     model = Quadratic(w, b, A)
@@ -121,6 +195,26 @@ def test_asam_all_parameter_form_of_the_popular_port():
     T = v.abs()
     eps = 2.0 * T * T * g / (T * g).norm()
     torch.testing.assert_close(flat(model), expected_step(A, v, eps), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("adaptive", ["weights", "all"])
+def test_eta_is_applied_in_both_adaptive_forms(adaptive):
+    w, b, A = make_problem()
+    model = Quadratic(w, b, A)
+    v = flat(model)
+    opt = SAM(model.named_parameters(), torch.optim.SGD, rho=1.0, adaptive=adaptive, eta=0.5, lr=LR)
+    one_step(opt, model)
+    g = grad_at(A, v)
+    T = v.abs() + 0.5 if adaptive == "all" else torch.cat([w.abs() + 0.5, torch.ones_like(b)])
+    eps = 1.0 * T * T * g / (T * g).norm()
+    torch.testing.assert_close(flat(model), expected_step(A, v, eps), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize(("adaptive", "eta"), [("weights", 0.01), ("all", 0.0)])
+def test_eta_defaults_to_each_form_s_own(adaptive, eta):
+    w, b, A = make_problem()
+    opt = SAM(Quadratic(w, b, A).parameters(), torch.optim.SGD, adaptive=adaptive, lr=LR)
+    assert opt.param_groups[0]["eta"] == eta
 
 
 def test_usam_is_unnormalized():
@@ -153,13 +247,31 @@ def test_stable_asam_uses_weighted_norms():
     w, b, A = make_problem()
     model = Quadratic(w, b, A)
     v = flat(model)
-    opt = SAM(model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=True, stable=True, lr=LR)
+    opt = SAM(
+        model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive="weights", stable=True, lr=LR
+    )
     one_step(opt, model)
     g = grad_at(A, v)
     T = torch.cat([w.abs() + 0.01, torch.ones_like(b)])
     eps = 0.5 * T * T * g / (T * g).norm()
     gamma = (T * g).norm() / (T * grad_at(A, v + eps)).norm()
     torch.testing.assert_close(flat(model), expected_step(A, v, eps, gamma), rtol=0, atol=1e-14)
+
+
+def test_stable_asam_leaves_a_constant_gradient_unscaled():
+    """With a linear loss g_s = g: both norms are taken with the T of w, so γ = 1 and the
+    step is the plain one (T of w + ε for ‖T g_s‖, the authors' choice, would give
+    γ = ‖T(w)g‖/‖T(w+ε)g‖ ≠ 1)."""
+    g = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(5, generator=g, dtype=DT))
+    c = torch.randn(5, generator=g, dtype=DT)
+    opt = SAM([weight], torch.optim.SGD, rho=0.5, adaptive="all", stable=True, lr=LR)
+    start = weight.detach().clone()
+    opt.step(lambda: (loss := c @ weight).backward() or loss)
+    torch.testing.assert_close(weight.detach(), start - LR * c, rtol=0, atol=1e-15)
+    T, eps = start.abs(), 0.5 * start.abs() ** 2 * c / (start.abs() * c).norm()
+    authors_gamma = (T * c).norm() / ((start + eps).abs() * c).norm()
+    assert abs(authors_gamma - 1) > 0.1
 
 
 def test_per_group_rho_uses_the_global_norm():
@@ -275,14 +387,56 @@ def test_state_dict_holds_base_state_and_no_transient_copies():
 
 class TestBadInput:
     def test_negative_rho(self):
-        with pytest.raises(ValueError, match="non-negative"):
+        with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
             SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, rho=-0.1, lr=0.1)
 
     def test_negative_rho_in_added_group_leaves_groups_alone(self):
         opt = SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1)
-        with pytest.raises(ValueError, match="non-negative"):
+        with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
             opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "rho": -1})
         assert len(opt.param_groups) == 1
+
+    @pytest.mark.parametrize("rho", [float("nan"), float("inf"), -0.5])
+    def test_bad_rho_in_a_constructor_group(self, rho):
+        net = nn.Linear(2, 2)
+        groups = [{"params": [net.weight]}, {"params": [net.bias], "rho": rho}]
+        with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+            SAM(groups, torch.optim.SGD, lr=0.1)
+
+    @pytest.mark.parametrize("rho", [float("nan"), float("inf")])
+    def test_non_finite_rho(self, rho):
+        with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+            SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, rho=rho, lr=0.1)
+
+    @pytest.mark.parametrize("where", ["constructor", "group", "added group"])
+    def test_nan_eta(self, where):
+        net = nn.Linear(2, 2)
+        kw = dict(adaptive="weights", lr=0.1)
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            if where == "constructor":
+                SAM(net.parameters(), torch.optim.SGD, eta=float("nan"), **kw)
+            elif where == "group":
+                SAM([{"params": net.parameters(), "eta": float("nan")}], torch.optim.SGD, **kw)
+            else:
+                opt = SAM([net.weight], torch.optim.SGD, **kw)
+                opt.add_param_group({"params": [net.bias], "eta": float("nan")})
+
+    def test_eta_without_an_adaptive_form(self):
+        with pytest.raises(ValueError, match=r"eta=0.5 is ASAM's η .* no effect"):
+            SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, eta=0.5, lr=0.1)
+
+    def test_stable_cap_without_stable(self):
+        with pytest.raises(ValueError, match=r"stable_cap=True .* stable=True"):
+            SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, stable_cap=True, lr=0.1)
+
+    @pytest.mark.parametrize("adaptive", [True, False])
+    def test_bool_adaptive_names_the_forms(self, adaptive):
+        with pytest.raises(ValueError, match=r"adaptive='weights' .* adaptive='all'"):
+            SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, adaptive=adaptive, lr=0.1)
+
+    def test_asam_without_an_adaptive_form(self):
+        with pytest.raises(ValueError, match="ASAM needs an adaptive form"):
+            ASAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, adaptive=None, lr=0.1)
 
     def test_empty_parameter_list(self):
         with pytest.raises(ValueError, match=r"model\.parameters\(\)"):

@@ -12,7 +12,7 @@ from flatmin import SAM
 shapes = st.lists(
     st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple), min_size=1, max_size=5
 )
-adaptive_forms = st.sampled_from([False, "asam", "all"])
+adaptive_forms = st.sampled_from([None, "weights", "all"])
 
 
 def build(shape_list, n_groups, seed, dtype=torch.float32):

@@ -42,15 +42,16 @@ def _grad_of(param: Tensor) -> Tensor:
 
 
 def is_adaptive_weight(param: Tensor, name: str | None) -> bool:
-    """The official ASAM rule: weights are scaled, biases and norm shifts are not.
+    """The official ASAM rule (Kwon et al., ICML 2021; ``SamsungLabs/ASAM``): a parameter
+    whose name contains ``weight`` is scaled by ``T_w = |w| + η``, every other one is not.
 
-    With parameter names (``model.named_parameters()``), every parameter whose name does
-    not end in ``bias`` counts as a weight (norm-layer scales included, as in the official
-    code, which tests ``'weight' in name``). Without names, tensors of two or more
-    dimensions count as weights, so 1-D norm-layer scales are left unscaled.
+    So linear, convolution and norm-layer weights are scaled; biases, attention's
+    ``in_proj_bias``, class tokens, position embeddings, LayerScale ``gamma`` and
+    relative-position bias tables are not. Without names (``model.parameters()``),
+    tensors of two or more dimensions count as weights.
     """
     if name is not None:
-        return not name.rsplit(".", 1)[-1].startswith("bias")
+        return "weight" in name
     return param.ndim > 1
 
 
@@ -58,7 +59,7 @@ def make_buckets(param_groups: list[dict], adaptive_rule: bool = True) -> list[B
     """Buckets of the parameters that currently hold a gradient."""
     buckets: list[Bucket] = []
     for group in param_groups:
-        adaptive = group.get("adaptive", False)
+        adaptive = group.get("adaptive")
         names = group.get("param_names")
         by_key: dict[tuple, Bucket] = {}
         for i, p in enumerate(group["params"]):
@@ -66,7 +67,7 @@ def make_buckets(param_groups: list[dict], adaptive_rule: bool = True) -> list[B
                 continue
             if p.grad.is_sparse:
                 raise TypeError("the SAM family does not support sparse gradients")
-            scaled = bool(adaptive) and (
+            scaled = adaptive is not None and (
                 adaptive == "all"
                 or not adaptive_rule
                 or is_adaptive_weight(p, names[i] if names else None)

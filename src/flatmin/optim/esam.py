@@ -78,6 +78,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatmin._checks import check_real
 from flatmin.optim._buckets import Bucket
 from flatmin.optim.bn import running_stats_frozen
 from flatmin.optim.sam import SAM
@@ -114,8 +115,8 @@ class ESAM(SAM):
         freeze_unperturbed: bool = True,
         **kwargs: Any,
     ) -> None:
-        _check_fraction("beta", beta, "probability that a parameter tensor is perturbed", 0.6)
-        _check_fraction("gamma", gamma, "fraction of the batch in the second pass", 0.5)
+        beta = _check_fraction("beta", beta, "probability that a tensor is perturbed", 0.6)
+        gamma = _check_fraction("gamma", gamma, "fraction of the batch in the second pass", 0.5)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         super().__init__(params, base_optimizer, rho, **kwargs)
@@ -262,9 +263,12 @@ def _splitmix64(seed: int, step: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def _check_fraction(name: str, value: Any, meaning: str, default: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(
-            f"{name} is the {meaning} and must be in (0, 1] (ESAM's default is {default}), "
-            f"got {value!r}"
-        )
+def _check_fraction(name: str, value: Any, meaning: str, default: float) -> float:
+    return check_real(
+        name,
+        value,
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=1.0,
+        hint=f"the {meaning}; ESAM's default is {default}",
+    )

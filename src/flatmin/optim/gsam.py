@@ -29,10 +29,14 @@ mis-set ``lr_max`` never pushes ρ outside ``[rho_min, rho]`` (their
 surrogate gradient gives ``g_⊥ = g`` instead); ``d`` is formed as
 ``(1 + α c)·g_s − α g`` with ``c = ⟨g,g_s⟩/‖g_s‖²``, the same vector.
 
+With ``stable=True`` (StableSAM, Tan et al., 2024) the final direction is renormalised
+to the clean gradient's norm, ``d ← (‖T g‖/‖T d‖)·d``: the rescaling applies to what the
+base optimizer receives, as for SAM. (Rescaling ``g_s`` before the projection would leave
+``g_⊥`` unchanged and give a direction whose norm is not ``‖g‖``.)
+
 Defaults: ``rho = 0.05`` (ρ_max, SAM's default), ``rho_min = 0`` (ρ proportional to the
 learning rate; pass ``rho_min=rho`` for a constant radius), ``alpha = 0.4`` (the value of
-the paper's examples in REFERENCE.md; the authors' CIFAR example script uses 0.2 with
-ASAM).
+the paper's examples; the authors' CIFAR example script uses 0.2 with ASAM).
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from flatmin._checks import check_real
 from flatmin.optim._buckets import Bucket, global_dot, global_norm
-from flatmin.optim.sam import SAM, _check_rho
+from flatmin.optim.sam import SAM, check_rho
 
 _SCHEDULE_KEYS = ("rho_max", "rho_min", "lr_max", "lr_min")
 
@@ -88,14 +93,14 @@ class GSAM(SAM):
         lr_min: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        _check_rho(rho)
-        _check_alpha(alpha)
-        _check_schedule(rho, rho_min, lr_max, lr_min)
+        alpha = check_real("alpha", alpha, minimum=0.0, hint="GSAM's default is 0.4")
+        _check_schedule(check_rho(rho), rho_min, lr_max, lr_min)
         super().__init__(params, base_optimizer, rho, **kwargs)
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self._schedule = dict(rho_min=rho_min, lr_max=lr_max, lr_min=lr_min)
         for group in self.param_groups:
             self._fill_schedule(group)
+            self._check_group(group)
         self.defaults.update(self._schedule)
 
     def _fill_schedule(self, group: dict[str, Any]) -> None:
@@ -104,7 +109,15 @@ class GSAM(SAM):
         lr_max = self._schedule["lr_max"]
         group.setdefault("lr_max", group["lr"] if lr_max is None else lr_max)
         group.setdefault("lr_min", self._schedule["lr_min"])
-        _check_schedule(group["rho_max"], group["rho_min"], group["lr_max"], group["lr_min"])
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """SAM's checks, and the schedule's settings once the group has them. ``rho``
+        itself is the latest scheduled radius (a tensor if the learning rate is one)."""
+        if all(key in group for key in _SCHEDULE_KEYS):
+            _check_schedule(group["rho_max"], group["rho_min"], group["lr_max"], group["lr_min"])
+        if isinstance(group["rho"], Tensor):
+            group = {**group, "rho": 0.0}
+        super()._check_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "_schedule" not in self.__dict__:  # during construction
@@ -114,7 +127,7 @@ class GSAM(SAM):
         group.setdefault("rho", group.get("rho_max", self.defaults["rho"]))
         group.setdefault("lr", self.defaults["lr"])
         self._fill_schedule(group)
-        super().add_param_group(group)
+        super().add_param_group(group)  # checks the group, schedule included
 
     # -- hooks of the SAM engine ------------------------------------------------------
 
@@ -132,7 +145,7 @@ class GSAM(SAM):
     def _after_first_gradient(self, buckets: list[Bucket], grad_norm: Tensor) -> None:
         self._clean_grads = self._clean_gradient_copy(buckets)
 
-    def _surrogate_gradient(self, buckets: list[Bucket]) -> None:
+    def _update_direction(self, buckets: list[Bucket]) -> None:
         """``.grad ← g_s − α·g_⊥ = (1 + α c)·g_s − α·g`` with ``c = ⟨g,g_s⟩/‖g_s‖²``."""
         device = self._reference_device()
         surrogate = [b.grads for b in buckets]
@@ -158,22 +171,21 @@ def scheduled_rho(
     return rho_min + (rho_max - rho_min) * ratio
 
 
-def _check_alpha(alpha: Any) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-        raise ValueError(f"alpha must be a number >= 0 (GSAM's default is 0.4), got {alpha!r}")
-
-
 def _check_schedule(rho_max: Any, rho_min: Any, lr_max: Any, lr_min: Any) -> None:
-    for name, value in (("rho_min", rho_min), ("lr_min", lr_min)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    if isinstance(rho_max, (int, float)) and rho_min > rho_max:
+    """GSAM's radius range ``0 ≤ ρ_min ≤ ρ_max`` and learning-rate range
+    ``0 ≤ lr_min ≤ lr_max`` (``lr_max`` may be None: the group's initial lr)."""
+    rho_max = check_rho(rho_max, "rho_max")
+    rho_min = check_real("rho_min", rho_min, minimum=0.0, hint="GSAM's ρ at lr_min")
+    lr_min = check_real("lr_min", lr_min, minimum=0.0)
+    if rho_min > rho_max:
         raise ValueError(
             f"rho_min ({rho_min}) must not exceed rho ({rho_max}), the radius at the largest "
             "learning rate; pass rho_min=rho for a constant radius"
         )
-    if lr_max is not None and not (isinstance(lr_max, (int, float)) and lr_max >= lr_min):
-        raise ValueError(
-            f"lr_max must be a number >= lr_min ({lr_min}), got {lr_max!r}; leave it None to "
-            "use each group's initial learning rate"
+    if lr_max is not None and not isinstance(lr_max, Tensor):
+        check_real(
+            "lr_max",
+            lr_max,
+            minimum=lr_min,
+            hint="leave it None to use each group's initial learning rate",
         )

@@ -33,6 +33,12 @@ The step counter, ``g_v`` and ``‖g_v‖`` are LookSAM's own state and live in
 interrupted one would have. A ``g_v`` from a step with a non-finite gradient (e.g. a
 GradScaler overflow) is not kept: the previous one stays.
 
+With ``stable=True`` (StableSAM, Tan et al., 2024) every step's update direction ``d``
+— ``g_s`` on full steps, ``g + α(‖g‖/‖g_v‖)g_v`` on reuse steps — is renormalised to the
+clean gradient's norm, ``d ← (‖T g‖/‖T d‖)·d``, so each update has the norm of that step's
+``g`` as StableSAM asks of every update. ``g_v`` is kept from the unrescaled ``g_s`` (the
+reuse direction does not depend on ``g_v``'s scale).
+
 With per-process ε under data parallelism (:func:`flatmin.distributed.sam.sam_step`)
 each process computes its own ``g_v,r`` from its own ``g_r`` and ``g_s,r``; the kept
 ``g_v`` is their mean (:attr:`~flatmin.optim.sam.SAM.replica_mean`), so every process
@@ -60,6 +66,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatmin._checks import check_int, check_real
 from flatmin.optim._buckets import Bucket, global_dot, global_norm, make_buckets
 from flatmin.optim.sam import SAM
 
@@ -85,15 +92,11 @@ class LookSAM(SAM):
         alpha: float = 0.7,
         **kwargs: Any,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1 (LookSAM's default is 5), got {k!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-            raise ValueError(
-                f"alpha must be a number >= 0 (LookSAM's default is 0.7), got {alpha!r}"
-            )
+        k = check_int("k", k, minimum=1, hint="LookSAM's default is 5")
+        alpha = check_real("alpha", alpha, minimum=0.0, hint="LookSAM's default is 0.7")
         super().__init__(params, base_optimizer, rho, **kwargs)
         self.k = k
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.steps_done = 0
         self._g_v: dict[Tensor, Tensor] = {}
         self._g_v_norm: Tensor | None = None
@@ -119,6 +122,9 @@ class LookSAM(SAM):
                 )
             device = self._reference_device()
             grad_norm = global_norm([b.grads for b in buckets], device)
+            clean_norm = grad_norm
+            if self.stable and any(b.scaled for b in buckets):
+                clean_norm = global_norm([self._weighted(b, b.grads) for b in buckets], device)
             scale = torch.where(self._g_v_norm > 0, self.alpha * grad_norm / self._g_v_norm, 0.0)
             for b in buckets:
                 pairs = [(g, self._g_v[p]) for p, g in zip(b.params, b.grads) if p in self._g_v]
@@ -126,7 +132,7 @@ class LookSAM(SAM):
                     grads, reused = map(list, zip(*pairs))
                     factor = scale.to(b.device, grads[0].dtype)
                     torch._foreach_addcmul_(grads, reused, [factor] * len(grads))
-        self._apply_update(buckets, torch.isfinite(grad_norm), grad_scaler)
+        self._apply_update(buckets, torch.isfinite(grad_norm), grad_scaler, clean_norm)
         self.steps_done += 1
         if zero_grad:
             self.zero_grad()
@@ -158,7 +164,7 @@ class LookSAM(SAM):
             grad_norm = global_norm(self._clean_grads, self._reference_device())
         self._clean_sq_norm = grad_norm.square()
 
-    def _surrogate_gradient(self, buckets: list[Bucket]) -> None:
+    def _update_direction(self, buckets: list[Bucket]) -> None:
         """Keep ``g_v = g_s − (⟨g,g_s⟩/‖g‖²)·g``; the update direction stays ``g_s``."""
         device = self._reference_device()
         clean = self._clean_grads

@@ -6,25 +6,36 @@ Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv:2010.01412) solves
 .. math::
 
     g = ∇L_B(w), \quad ε = ρ\,\frac{T^2 g}{\lVert T g\rVert_2}, \quad
-    g_s = ∇L_B(w+ε), \quad w ← \mathrm{base\_step}(w, γ\,g_s)
+    g_s = ∇L_B(w+ε), \quad w ← \mathrm{base\_step}(w, g_s)
 
 with ``T = 1`` for SAM, the ASAM scaling ``T`` in adaptive mode, no normalisation for
-USAM (``ε = ρ T² g``), and ``γ = ‖T g‖ / ‖T g_s‖`` for StableSAM (else ``γ = 1``).
-Norms are global over every parameter that has a gradient; ρ may differ per param group.
+USAM (``ε = ρ T² g``). Norms are global over every parameter that has a gradient; ρ may
+differ per param group.
 
 Adaptive forms (name the one you use when you report results):
 
-* ``adaptive=True`` or ``"asam"`` — the official ASAM (Kwon et al., ICML 2021):
-  ``T_w = |w| + η`` on weight tensors, ``T = 1`` on biases and norm-layer shifts,
-  η = 0.01 (``eta``); recommended ρ = 0.5 (CIFAR-10), 1.0 (CIFAR-100). Pass
-  ``model.named_parameters()`` to apply the official name rule exactly
-  (see :func:`flatmin.optim._buckets.is_adaptive_weight`).
-* ``adaptive="all"`` — the popular PyTorch port: ``T_w = |w|`` on every parameter and
-  η = 0 (set ``eta=0.0``); its recommended ρ is about 2.0.
+* ``adaptive="weights"`` — the official ASAM (Kwon et al., ICML 2021):
+  ``T_w = |w| + η`` on weight tensors, ``T = 1`` on every other parameter, η = 0.01
+  by default; recommended ρ = 0.5 (CIFAR-10), 1.0 (CIFAR-100). Pass
+  ``model.named_parameters()`` to apply the official name rule (``'weight' in name``,
+  see :func:`flatmin.optim._buckets.is_adaptive_weight`).
+* ``adaptive="all"`` — the popular PyTorch port: ``T_w = |w| + η`` on every parameter,
+  η = 0 by default; its recommended ρ is about 2.0.
 
-StableSAM (Tan et al., 2024, arXiv:2401.07250) renormalises the surrogate gradient so
-its norm equals the clean gradient's; ``stable_cap=True`` applies ``γ ← min(1, γ)``. Its
-authors use it on top of USAM (``normalize=False``) as well as SAM and ASAM.
+StableSAM (Tan et al., 2024, arXiv:2401.07250), ``stable=True``: the update direction
+``d`` (``g_s`` for SAM; each member's own direction for GSAM and LookSAM) is rescaled so
+that its norm is the clean gradient's,
+
+.. math::
+
+    d ← γ\,d, \qquad γ = \frac{\lVert T g\rVert_2}{\lVert T d\rVert_2},
+
+capped at 1 with ``stable_cap=True``, ``T`` the adaptive scaling (1 without it). Both
+norms use the scaling ``T`` of the weights ``w`` that the update is applied to. (The authors' code takes
+``‖T g_s‖`` with ``T`` of ``w + ε``, before restoring; that mixes two metrics: with a
+constant gradient, ``g_s = g``, it still rescales the update by ``‖T(w) g‖/‖T(w+ε) g‖``,
+whereas here ``γ = 1``.) The authors use it on top of USAM (``normalize=False``) as well
+as SAM and ASAM.
 
 Two ways to drive a step::
 
@@ -63,10 +74,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatmin._checks import check_choice, check_real
 from flatmin.optim._buckets import Bucket, global_norm, make_buckets
 from flatmin.optim.bn import running_stats_frozen
 
-_ADAPTIVE_FORMS = (False, True, "asam", "all")
+ADAPTIVE_FORMS = (None, "weights", "all")
+DEFAULT_ETA = {"weights": 0.01, "all": 0.0}
 
 
 class SAM(Optimizer):
@@ -77,11 +90,14 @@ class SAM(Optimizer):
             official ASAM rule tell weights from biases by name).
         base_optimizer: the optimizer *class* to wrap, e.g. ``torch.optim.SGD``.
         rho: neighbourhood radius ρ ≥ 0 (per group allowed).
-        adaptive: ``False``, ``True``/``"asam"`` (official ASAM) or ``"all"``.
-        stable: StableSAM renormalisation of the surrogate gradient.
+        adaptive: ``None`` (SAM), ``"weights"`` (official ASAM) or ``"all"`` (the
+            popular port's form); per group allowed.
+        stable: StableSAM's renormalisation of the update direction.
         normalize: ``False`` gives unnormalised SAM (USAM): ``ε = ρ·T²g``.
-        eta: ASAM's η in ``T_w = |w| + η`` (per group allowed).
-        stable_cap: cap StableSAM's factor at 1.
+        eta: ASAM's η in ``T_w = |w| + η`` (per group allowed); ``None`` takes the
+            form's default, 0.01 for ``"weights"`` and 0 for ``"all"``. Refused without
+            an adaptive form, where it would have no effect.
+        stable_cap: cap StableSAM's factor at 1 (needs ``stable=True``).
         max_grad_norm: clip the final gradient's global L2 norm to this value.
         skip_nonfinite: without a GradScaler, skip the step when the first-pass gradient
             is not finite (costs one host synchronisation per step). With a GradScaler
@@ -103,11 +119,11 @@ class SAM(Optimizer):
         params: Iterable[Any],
         base_optimizer: type[Optimizer],
         rho: float = 0.05,
-        adaptive: bool | str = False,
+        adaptive: str | None = None,
         stable: bool = False,
         *,
         normalize: bool = True,
-        eta: float = 0.01,
+        eta: float | None = None,
         stable_cap: bool = False,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
@@ -118,13 +134,14 @@ class SAM(Optimizer):
                 "base_optimizer must be an optimizer class such as torch.optim.SGD (its "
                 f"keyword arguments go to SAM), got {base_optimizer!r}"
             )
-        _check_rho(rho)
-        if adaptive not in _ADAPTIVE_FORMS:
-            raise ValueError(f"adaptive must be one of {_ADAPTIVE_FORMS}, got {adaptive!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        _check_settings(dict(rho=rho, adaptive=adaptive, eta=eta))
+        if max_grad_norm is not None:
+            check_real("max_grad_norm", max_grad_norm, minimum=0.0, exclusive_minimum=True)
+        if stable_cap and not stable:
+            raise ValueError(
+                "stable_cap=True caps StableSAM's factor, which only stable=True applies: "
+                "pass stable=True as well, or leave stable_cap off"
+            )
         params = list(params)
         if not params:
             raise ValueError(
@@ -141,6 +158,11 @@ class SAM(Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self._link_base()
         self.defaults.update(self.base_optimizer.defaults)
+        if eta is not None and not any(g["adaptive"] for g in self.param_groups):
+            raise ValueError(
+                f"eta={eta!r} is ASAM's η in T_w = |w| + η and has no effect without an "
+                "adaptive form: pass adaptive='weights' or 'all', or leave eta out"
+            )
         self._clear_transient()
 
     # -- plumbing shared with the base optimizer -----------------------------------
@@ -157,13 +179,20 @@ class SAM(Optimizer):
         self._base_step_pending = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
-            super().add_param_group(param_group)
-            return
-        _check_rho(param_group.get("rho", self.defaults["rho"]))
+        """Add a group as torch does; its ρ, adaptive form and η are checked first."""
         for key in ("rho", "adaptive", "eta"):
             param_group.setdefault(key, self.defaults[key])
-        self.base_optimizer.add_param_group(param_group)
+        self._check_group(param_group)
+        if param_group["eta"] is None and param_group["adaptive"] is not None:
+            param_group["eta"] = DEFAULT_ETA[param_group["adaptive"]]
+        if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
+            super().add_param_group(param_group)
+        else:
+            self.base_optimizer.add_param_group(param_group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise a clear error for a param group whose SAM settings are unusable."""
+        _check_settings(group)
 
     @property
     def is_perturbed(self) -> bool:
@@ -219,17 +248,23 @@ class SAM(Optimizer):
             for b in buckets:
                 b.refresh_grads()
             self.restore_weights()
-            self._surrogate_gradient(buckets)
+            self._update_direction(buckets)
             finite = self._first_finite
-        self._apply_update(buckets, finite, grad_scaler)
+        self._apply_update(buckets, finite, grad_scaler, self._grad_norm)
         self._clear_transient()
         if zero_grad:
             self.zero_grad()
 
-    def _apply_update(self, buckets: list[Bucket], finite: Tensor, grad_scaler: Any) -> None:
-        """Apply the base optimizer to the direction now in ``.grad`` (unscaled, clipped),
-        or skip it when ``finite`` is false; LookSAM's single-pass steps use it too.
-        :attr:`replica_mean` (if set) first averages that direction over replicas."""
+    def _apply_update(
+        self, buckets: list[Bucket], finite: Tensor, grad_scaler: Any, clean_norm: Tensor
+    ) -> None:
+        """Apply the base optimizer to the direction ``d`` now in ``.grad`` (renormalised
+        with ``stable``, averaged over replicas by :attr:`replica_mean` if set, unscaled,
+        clipped), or skip it when ``finite`` is false; LookSAM's reuse steps use it too.
+        ``clean_norm`` is ``‖T g‖`` over ``buckets``, the tensors of the first pass."""
+        if self.stable:
+            with torch.no_grad():
+                self._renormalize(buckets, clean_norm)
         if grad_scaler is not None:
             self._mark_nonfinite(buckets, finite)  # before averaging: a NaN reaches every replica
         if self.replica_mean is not None:
@@ -353,17 +388,21 @@ class SAM(Optimizer):
             torch._foreach_copy_(copy, b.grads)
         return copies
 
-    def _surrogate_gradient(self, buckets: list[Bucket]) -> None:
-        """Turn the surrogate gradient in ``.grad`` into the update direction (in place)."""
-        if not self.stable:
-            return
-        surrogate_norm = global_norm(
+    def _update_direction(self, buckets: list[Bucket]) -> None:
+        """Hook: turn the surrogate gradient ``g_s`` in ``.grad`` into the method's update
+        direction ``d``, in place (SAM: ``d = g_s``; GSAM projects, LookSAM keeps ``g_v``)."""
+
+    def _renormalize(self, buckets: list[Bucket], clean_norm: Tensor) -> None:
+        """StableSAM: ``d ← γ·d`` with ``γ = ‖T g‖/‖T d‖`` (capped at 1 with
+        ``stable_cap``); both norms over ``buckets``, ``γ`` applied to every gradient the
+        base step will see. ``γ = 1`` when ``d = 0``."""
+        direction_norm = global_norm(
             [self._weighted(b, b.grads) for b in buckets], self._reference_device()
         )
-        gamma = torch.where(surrogate_norm > 0, self._grad_norm / surrogate_norm, 1.0)
+        gamma = torch.where(direction_norm > 0, clean_norm / direction_norm, 1.0)
         if self.stable_cap:
             gamma = torch.clamp(gamma, max=1.0)
-        for b in buckets:
+        for b in make_buckets(self.param_groups, adaptive_rule=False):
             torch._foreach_mul_(b.grads, gamma.to(b.device, b.grads[0].dtype))
 
     # -- helpers -----------------------------------------------------------------------
@@ -371,7 +410,7 @@ class SAM(Optimizer):
     def _adaptive_scale(self, bucket: Bucket, params: list[Tensor]) -> list[Tensor]:
         """ASAM's ``T_w = |w| + η`` for a bucket of weights (η from its group)."""
         scale = torch._foreach_abs(params)
-        eta = bucket.group["eta"] if bucket.group["adaptive"] != "all" else 0.0
+        eta = bucket.group["eta"]
         if eta:
             torch._foreach_add_(scale, eta)
         return scale
@@ -439,7 +478,9 @@ class ASAM(SAM):
     """Adaptive SAM (Kwon et al., ICML 2021), official form: ``T_w = |w| + η`` on weights.
 
     Defaults ρ = 0.5 and η = 0.01 follow the paper's CIFAR-10 setting (use ρ = 1.0 on
-    CIFAR-100). ``adaptive="all"`` with ``eta=0`` gives the popular port's form (ρ ≈ 2).
+    CIFAR-100). ``adaptive="all"`` gives the popular port's form (η = 0, ρ ≈ 2)::
+
+        opt = ASAM(model.named_parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
     """
 
     def __init__(
@@ -447,11 +488,16 @@ class ASAM(SAM):
         params: Iterable[Any],
         base_optimizer: type[Optimizer],
         rho: float = 0.5,
-        adaptive: bool | str = True,
+        adaptive: str = "weights",
         stable: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(params, base_optimizer, rho, adaptive or True, stable, **kwargs)
+        if adaptive is None:
+            raise ValueError(
+                "ASAM needs an adaptive form, 'weights' (official) or 'all'; use SAM for "
+                "the non-adaptive one"
+            )
+        super().__init__(params, base_optimizer, rho, adaptive, stable, **kwargs)
 
 
 class StableSAM(SAM):
@@ -466,15 +512,33 @@ class StableSAM(SAM):
         params: Iterable[Any],
         base_optimizer: type[Optimizer],
         rho: float = 0.05,
-        adaptive: bool | str = False,
+        adaptive: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(params, base_optimizer, rho, adaptive, stable=True, **kwargs)
 
 
-def _check_rho(rho: Any) -> None:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
-        raise ValueError(f"rho must be a non-negative number (e.g. 0.05), got {rho!r}")
+def check_adaptive(adaptive: Any) -> None:
+    """Raise unless ``adaptive`` is one of :data:`ADAPTIVE_FORMS` (bools are refused)."""
+    if isinstance(adaptive, bool):
+        raise ValueError(
+            f"adaptive={adaptive!r} is not a form: use adaptive='weights' (official ASAM, "
+            "|w| + η on weight tensors), adaptive='all' (every parameter) or None (SAM)"
+        )
+    check_choice("adaptive", adaptive, ADAPTIVE_FORMS)
+
+
+def check_rho(rho: Any, name: str = "rho") -> float:
+    """``rho`` as a float if it is a finite number ≥ 0."""
+    return check_real(name, rho, minimum=0.0, hint="e.g. 0.05")
+
+
+def _check_settings(group: dict[str, Any]) -> None:
+    """The SAM settings of a param group (or of the constructor's defaults)."""
+    check_rho(group["rho"])
+    check_adaptive(group["adaptive"])
+    if group["eta"] is not None:
+        check_real("eta", group["eta"], minimum=0.0, hint="ASAM's η in T_w = |w| + η")
 
 
 def _scale_of(grad_scaler: Any, device: torch.device) -> Tensor:

@@ -438,7 +438,7 @@ register(
             Hyperparameter("rho", 0.5, RHO_HELP, minimum=0.0),
             Hyperparameter("eta", 0.01, "ASAM's η in T_w = |w| + η", minimum=0.0),
         ),
-        _sam_family(adaptive=True),
+        _sam_family(adaptive="weights"),
     )
 )
 register(
