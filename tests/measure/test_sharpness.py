@@ -38,14 +38,37 @@ def test_one_step_matches_closed_form():
     assert (result.num_samples, result.num_groups, result.steps) == (1, 1, 1)
 
 
-def test_adaptive_matches_the_official_asam_ball():
-    model, a, w, data = _quadratic()
-    rho, eta = 0.5, 0.01
+class NamedQuadratic(Quadratic):
+    """``½ wᵀAw`` with ``w`` held by a parameter named ``weight`` (first half) and one
+    named ``cls_token`` (second half): the official ASAM rule scales only the first."""
+
+    def __init__(self, a: torch.Tensor, w: torch.Tensor) -> None:
+        super().__init__(a, w)
+        del self.w
+        self.weight = torch.nn.Parameter(w[:2].clone())
+        self.cls_token = torch.nn.Parameter(w[2:].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        diff = torch.cat([self.weight, self.cls_token]) - x
+        return 0.5 * ((diff @ self.a) * diff).sum(dim=1)
+
+
+@pytest.mark.parametrize(
+    ("adaptive", "eta", "scaled"),
+    [("weights", 0.01, [1.0, 1.0, 0.0, 0.0]), ("all", 0.0, [1.0] * 4), ("all", 0.3, [1.0] * 4)],
+)
+def test_adaptive_matches_the_official_asam_ball(adaptive, eta, scaled):
+    _, a, w, data = _quadratic()
+    model = NamedQuadratic(a, w)
+    rho = 0.5
     g = a @ w
-    t = w.abs() + eta
+    mask = torch.tensor(scaled, dtype=torch.float64)
+    t = mask * (w.abs() + eta) + (1 - mask)
     eps = rho * t**2 * g / (t * g).norm()
-    result = sam_sharpness(model, mean_output, data, rho=rho, adaptive=True, eta=eta)
+    given_eta = None if eta in (0.01, 0.0) else eta  # the forms' defaults when not given
+    result = sam_sharpness(model, mean_output, data, rho=rho, adaptive=adaptive, eta=given_eta)
     assert result.value == pytest.approx(_rise(a, g, eps), rel=1e-12)
+    assert result.adaptive == adaptive
 
 
 def test_m_sharpness_averages_one_perturbation_per_sub_batch():
@@ -111,10 +134,13 @@ def test_zero_gradient_and_zero_radius_give_zero():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"rho": -0.1}, "rho"),
-        ({"steps": 0}, "steps"),
+        ({"rho": -0.1}, "rho must be a finite number >= 0"),
+        ({"rho": float("inf")}, "rho must be a finite number >= 0"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
         ({"m": 0}, "m must"),
-        ({"eta": -1.0}, "eta"),
+        ({"eta": -1.0}, "eta must be a finite number >= 0"),
+        ({"adaptive": True}, "adaptive='weights'"),
+        ({"adaptive": "asam"}, "adaptive must be one of None, 'weights', 'all'"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs, match):

@@ -8,10 +8,12 @@ approximates the maximiser with one normalized gradient step ``ε = ρ·g/‖g�
   ``δ ← Π_{‖δ‖≤ρ}(δ + ρ·u/‖u‖)``, ``u = T⊙∇L(w+ε)``, ``ε = T⊙δ``; the first step is
   SAM's ε, and the reported value is the largest ``L(w+ε_t) − L(w)`` over the steps
   (every iterate is feasible, so this is the best lower bound on the maximum found).
-- ``adaptive=True`` uses ASAM's scaled ball ``‖T_w⁻¹ε‖₂ ≤ ρ`` (Kwon et al., ICML 2021,
-  the official definition): ``T_w = |w| + η`` on every parameter whose name does not
-  end in ``bias`` and ``T_w = 1`` on biases, so the one-step ε is
-  ``ρ·T_w²⊙g / ‖T_w⊙g‖₂``.
+- ``adaptive="weights"`` uses ASAM's scaled ball ``‖T_w⁻¹ε‖₂ ≤ ρ`` (Kwon et al., ICML
+  2021, the official definition): ``T_w = |w| + η`` on every parameter whose name
+  contains ``weight`` and ``T_w = 1`` on the others, so the one-step ε is
+  ``ρ·T_w²⊙g / ‖T_w⊙g‖₂`` — the ε of ``SAM(adaptive="weights")``. ``adaptive="all"``
+  scales every parameter (the popular port's form). η defaults to the form's own, 0.01
+  and 0 respectively.
 - ``m`` (m-sharpness, SAM §4.1): every batch is cut into disjoint sub-batches of ``m``
   samples, each gets its own ε from its own gradient, and the sharpness is the
   sample-weighted mean over the sub-batches.
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from flatmin._checks import check_int, check_real
 from flatmin.measure._state import measuring, trainable_parameters
 from flatmin.measure.batches import (
     Batch,
@@ -36,6 +39,8 @@ from flatmin.measure.batches import (
     num_samples,
     split_batches,
 )
+from flatmin.optim._buckets import is_adaptive_weight
+from flatmin.optim.sam import DEFAULT_ETA, check_adaptive, check_rho
 
 Progress = Callable[[Iterable], Iterable]
 
@@ -53,7 +58,7 @@ class SharpnessResult:
     loss: float
     perturbed_loss: float
     rho: float
-    adaptive: bool
+    adaptive: str | None
     m: int | None
     steps: int
     num_groups: int
@@ -61,23 +66,18 @@ class SharpnessResult:
     seed: int | None = None
 
 
-def _check_args(rho: float, steps: int, eta: float) -> None:
-    if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not rho >= 0:
-        raise ValueError(f"rho must be a non-negative number, got {rho!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not eta >= 0:
-        raise ValueError(f"eta must be non-negative, got {eta!r}")
-
-
 def _ball_scale(
-    named: Sequence[tuple[str, Tensor]], adaptive: bool, eta: float
+    named: Sequence[tuple[str, Tensor]], adaptive: str | None, eta: float | None
 ) -> list[Tensor] | None:
-    """ASAM's ``T_w``: ``|w| + η`` on weights, 1 on biases; None for plain SAM."""
-    if not adaptive:
+    """ASAM's ``T_w`` for every parameter; None for plain SAM."""
+    if adaptive is None:
         return None
+    eta = DEFAULT_ETA[adaptive] if eta is None else eta
     return [
-        torch.ones_like(p) if name.endswith("bias") else p.detach().abs() + eta for name, p in named
+        p.detach().abs() + eta
+        if adaptive == "all" or is_adaptive_weight(p, name)
+        else torch.ones_like(p)
+        for name, p in named
     ]
 
 
@@ -138,11 +138,11 @@ def sam_sharpness(
     loss_fn: LossFn,
     data: object,
     rho: float = 0.05,
-    adaptive: bool = False,
+    adaptive: str | None = None,
     m: int | None = None,
     steps: int = 1,
     *,
-    eta: float = 0.01,
+    eta: float | None = None,
     max_batches: int | None = None,
     train_mode_bn: bool = False,
     progress: Progress | None = None,
@@ -154,14 +154,19 @@ def sam_sharpness(
         loss_fn: ``loss_fn(model(x), y)`` → the mean loss of a batch.
         data: a batch ``(x, y)``, a list of batches or a DataLoader.
         rho: radius ``ρ`` of the ball (SAM's default 0.05).
-        adaptive: ASAM's scaled ball (see the module docstring); ``eta`` is its ``η``.
+        adaptive: ``None``, or ASAM's scaled ball, ``"weights"`` or ``"all"`` (see the
+            module docstring); ``eta`` is its ``η`` (None: the form's default).
         m: m-sharpness sub-batch size; None perturbs once for all the data.
         steps: 1 for SAM's ε; more for projected ascent.
         max_batches: use only the first batches of ``data``.
         train_mode_bn: BatchNorm with batch statistics (restored afterwards).
         progress: optional wrapper around the loop over ε-groups, e.g. ``tqdm.tqdm``.
     """
-    _check_args(rho, steps, eta)
+    check_rho(rho)
+    check_int("steps", steps, minimum=1)
+    check_adaptive(adaptive)
+    if eta is not None:
+        check_real("eta", eta, minimum=0.0, hint="ASAM's η in T_w = |w| + η")
     with measuring(model, train_mode_bn):
         batches = collect_batches(data, max_batches, model_device(model))
         groups = [[b] for b in split_batches(batches, m)] if m is not None else [batches]
