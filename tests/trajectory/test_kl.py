@@ -1,19 +1,10 @@
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from flatmin.trajectory.kl import tempered_kl, zero_term
-
-
-def _numpy_tempered_kl(z: np.ndarray, t: np.ndarray, tau: float) -> float:
-    def softmax(a: np.ndarray) -> np.ndarray:
-        e = np.exp(a / tau - (a / tau).max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-    p, q = softmax(t), softmax(z)
-    return float(tau**2 * np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
+from tests.trajectory.helpers import numpy_tempered_kl
 
 
 @pytest.mark.parametrize("tau", [0.5, 1.0, 5.0])
@@ -26,7 +17,7 @@ def test_exactly_zero_when_past_equals_present(tau):
 def test_value_matches_independent_numpy_computation():
     z = torch.randn(8, 5, dtype=torch.float64) * 3
     t = torch.randn(8, 5, dtype=torch.float64) * 3
-    expected = _numpy_tempered_kl(z.numpy(), t.numpy(), 5.0)
+    expected = numpy_tempered_kl(z.numpy(), t.numpy(), 5.0)
     assert math.isclose(tempered_kl(z, t, 5.0).item(), expected, rel_tol=1e-12)
 
 
@@ -53,7 +44,7 @@ def test_mask_takes_the_mean_over_valid_rows_only():
     t = torch.randn(6, 4, dtype=torch.float64)
     valid = torch.tensor([True, False, True, True, False, False])
     term = tempered_kl(z, t, 3.0, valid)
-    expected = _numpy_tempered_kl(z[valid].detach().numpy(), t[valid].numpy(), 3.0)
+    expected = numpy_tempered_kl(z[valid].detach().numpy(), t[valid].numpy(), 3.0)
     assert math.isclose(term.item(), expected, rel_tol=1e-12)
     term.backward()
     assert torch.all(z.grad[~valid] == 0)
