@@ -356,7 +356,7 @@ def full_state(model, opt, saf, mesa) -> dict:
         "model": clone(model.state_dict()),
         "optimizer": opt.state_dict(),
         "saf": clone(saf.state_dict()["store"]),
-        "teacher": clone(mesa.state_dict()["teacher"]),
+        "teacher": clone(mesa.teacher.state_dict()),
     }
 
 

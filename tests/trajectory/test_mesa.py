@@ -1,81 +1,51 @@
-import copy
 import math
+import re
+import warnings
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import flatmin
-from flatmin.trajectory import MESA
-
-
-def _model(dtype=torch.float32) -> nn.Module:
-    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).to(dtype)
-
-
-def _student_moves(model: nn.Module) -> None:
-    """Replace weights by fresh random values and run a train-mode forward (BN stats)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p))
-        model.train()(torch.randn(8, 4, dtype=next(model.parameters()).dtype))
+from flatmin.trajectory import EMA, MESA
+from flatmin.trajectory.fold import FoldedForward
+from tests.helpers import assert_resumes_bit_exactly
+from tests.trajectory.helpers import (
+    bn_cnn,
+    bn_mlp,
+    move_student,
+    numpy_tempered_kl,
+    plain_eval_forward,
+)
 
 
 def test_public_name_is_this_class():
     assert flatmin.MESA is MESA
 
 
-@pytest.mark.parametrize("warmup", [False, True])
-def test_ema_recurrence_of_parameters_and_buffers(warmup):
-    model = _model(torch.float64)
-    decay = 0.9
-    mesa = MESA(model, decay=decay, warmup=warmup)
-    expected = {k: v.clone() for k, v in model.state_dict().items()}  # v_0 = θ_0
-    for t in range(1, 6):
-        _student_moves(model)
-        beta = min(decay, (1 + t) / (10 + t)) if warmup else decay
-        for name, value in model.state_dict().items():
-            if value.is_floating_point():
-                expected[name] = beta * expected[name] + (1 - beta) * value
-            else:
-                expected[name] = value.clone()
-        mesa.update()
-        for name, value in mesa.teacher.state_dict().items():
-            torch.testing.assert_close(value, expected[name], rtol=1e-12, atol=1e-14)
-    teacher_bn = mesa.teacher[1]
-    assert not torch.equal(teacher_bn.running_mean, torch.zeros(6))  # BN buffers averaged
-    assert teacher_bn.num_batches_tracked.item() == model[1].num_batches_tracked.item() == 5
-
-
-def test_warmup_decay_form():
-    mesa = MESA(_model(), decay=0.99, warmup=True)
-    seen = []
-    for _ in range(1000):
-        seen.append(mesa.current_decay())
-        mesa.num_updates += 1
-    assert seen[0] == 2 / 11  # t = 1
-    assert seen[9] == 11 / 20  # t = 10
-    assert seen[888] < 0.99 and seen[889] == 0.99  # (1 + t)/(10 + t) reaches 0.99 at t = 890
-    assert MESA(_model(), decay=0.99).current_decay() == 0.99
-
-
-def test_teacher_is_an_independent_copy_on_the_models_device_and_dtype():
-    model = _model(torch.float64)
-    mesa = MESA(model)
-    for mine, theirs in zip(mesa.teacher.parameters(), model.parameters(), strict=True):
-        assert torch.equal(mine, theirs)
-        assert mine.dtype == theirs.dtype and mine.device == theirs.device
-        assert mine.data_ptr() != theirs.data_ptr()
-        assert not mine.requires_grad
-    assert not mesa.teacher.training
+def test_update_takes_one_ema_step_of_the_student_parameters_and_buffers():
+    model = bn_mlp(dtype=torch.float64)
+    mesa = MESA(model, decay=0.75)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    move_student(model, torch.randn(8, 4, dtype=torch.float64))
+    mesa.update()
+    for name, value in mesa.teacher.state_dict().items():
+        student = model.state_dict()[name]
+        if value.is_floating_point():
+            expected = 0.75 * before[name] + 0.25 * student
+            torch.testing.assert_close(value, expected, rtol=1e-15, atol=1e-15)
+        else:  # num_batches_tracked is copied
+            assert torch.equal(value, student), name
+    assert mesa.ema.num_updates == 1
 
 
 def test_teacher_gets_no_gradients_and_never_changes_the_student():
-    model = _model()
+    model = bn_mlp()
     mesa = MESA(model, start_epoch=0)
     mesa.set_epoch(1)
-    _student_moves(model)
+    move_student(model, torch.randn(8, 4))
     mesa.update()
     teacher_before = {k: v.clone() for k, v in mesa.teacher.state_dict().items()}
     x = torch.randn(8, 4)
@@ -93,22 +63,20 @@ def test_teacher_gets_no_gradients_and_never_changes_the_student():
 
 
 def test_term_is_the_tempered_kl_against_the_eval_mode_teacher():
-    model = _model(torch.float64)
+    model = bn_mlp(dtype=torch.float64)
     mesa = MESA(model, lam=0.8, tau=5.0, start_epoch=0)
-    _student_moves(model)
+    move_student(model, torch.randn(8, 4, dtype=torch.float64))
     mesa.update()
     mesa.set_epoch(1)
     x = torch.randn(8, 4, dtype=torch.float64)
     logits = model(x)
-    with torch.no_grad():
-        teacher_logits = mesa.teacher(x)
-    p = torch.softmax(teacher_logits / 5, 1)
-    expected = 0.8 * 25 * (p * (p.log() - torch.log_softmax(logits / 5, 1))).sum(1).mean()
-    assert math.isclose(mesa(x, logits).item(), expected.item(), rel_tol=1e-12)
+    teacher_logits = plain_eval_forward(mesa.teacher, x)
+    expected = 0.8 * numpy_tempered_kl(logits.detach().numpy(), teacher_logits.numpy(), 5.0)
+    assert math.isclose(mesa(x, logits).item(), expected, rel_tol=1e-12)
 
 
 def test_zero_before_start_without_running_the_teacher():
-    model = _model()
+    model = bn_mlp()
     mesa = MESA(model, start_epoch=2)
     calls = []
     mesa.teacher.register_forward_hook(lambda *args: calls.append(1))
@@ -117,6 +85,7 @@ def test_zero_before_start_without_running_the_teacher():
         mesa.set_epoch(epoch)
         term = mesa(x, model(x))
         assert term.item() == 0.0 and term.requires_grad
+        mesa.update()
     assert calls == []
     mesa.set_epoch(3)
     mesa(x, model(x))
@@ -124,33 +93,36 @@ def test_zero_before_start_without_running_the_teacher():
 
 
 def test_bad_input_is_a_clear_error():
-    with pytest.raises(TypeError, match=r"nn\.Module"):
+    with pytest.raises(TypeError, match=r"student model as an nn\.Module"):
         MESA(object())
-    with pytest.raises(
-        ValueError, match=r"decay must be a finite number >= 0.0 and <= 1.0, got 1.5"
-    ):
-        MESA(_model(), decay=1.5)
+    with pytest.raises(ValueError, match=r"decay must be a finite number >= 0\.0 and <= 1\.0"):
+        MESA(bn_mlp(), decay=1.5)
     with pytest.raises(ValueError, match="decay must be a finite number"):
-        MESA(_model(), decay=float("nan"))
+        MESA(bn_mlp(), decay=float("nan"))
     with pytest.raises(ValueError, match=r"tau must be a finite number > 0\.0, got -1"):
-        MESA(_model(), tau=-1)
+        MESA(bn_mlp(), tau=-1)
     with pytest.raises(TypeError, match="start_epoch must be an integer"):
-        MESA(_model(), start_epoch="5")
-    mesa = MESA(_model(), start_epoch=0)
+        MESA(bn_mlp(), start_epoch="5")
+    with pytest.raises(ValueError, match="teacher_memory_format must be one of"):
+        MESA(bn_cnn(), teacher_memory_format="channels_last")
+    mesa = MESA(bn_mlp(), start_epoch=0)
     mesa.set_epoch(1)
     with pytest.raises(ValueError, match=r"student's shape \(4, 2\)"):
         mesa(torch.randn(4, 4), torch.randn(4, 2))
 
 
-def _fresh(seed):
+def _parts(seed):
     torch.manual_seed(seed)
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    mesa = MESA(model, decay=0.9, start_epoch=0, warmup=True)
-    return model, opt, mesa
+    model = bn_mlp()
+    return {
+        "model": model,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        "mesa": MESA(model, decay=0.9, start_epoch=0, warmup=True),
+    }
 
 
-def _train(model, opt, mesa, epochs, x, y):
+def _train(parts, epochs, x, y):
+    model, opt, mesa = parts["model"], parts["optimizer"], parts["mesa"]
     for epoch in epochs:
         mesa.set_epoch(epoch)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
@@ -165,27 +137,80 @@ def _train(model, opt, mesa, epochs, x, y):
 
 def test_resume_is_bit_exact(tmp_path):
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    model, opt, mesa = _fresh(0)
-    _train(model, opt, mesa, range(4), x, y)
-
-    first = _fresh(0)
-    _train(*first, range(2), x, y)
-    torch.save(
-        {name: part.state_dict() for name, part in zip(("m", "o", "e"), first, strict=True)},
-        tmp_path / "ckpt.pt",
+    straight = assert_resumes_bit_exactly(
+        _parts,
+        lambda parts, epochs: _train(parts, epochs, x, y),
+        epochs=4,
+        stop_after=2,
+        checkpoint=tmp_path / "checkpoint.pt",
     )
-    resumed = _fresh(1)
-    state = torch.load(tmp_path / "ckpt.pt")
-    for name, part in zip(("m", "o", "e"), resumed, strict=True):
-        part.load_state_dict(state[name])
-    _train(*resumed, range(2, 4), x, y)
+    assert straight["mesa"].ema.num_updates == 16
+    assert straight["mesa"].epoch == 3
 
-    for mine, theirs in zip(model.state_dict().values(), resumed[0].state_dict().values()):
-        assert torch.equal(mine, theirs)
-    teacher, teacher_resumed = mesa.teacher.state_dict(), resumed[2].teacher.state_dict()
-    for name, value in teacher.items():
-        assert torch.equal(value, teacher_resumed[name]), name
-    assert mesa.num_updates == resumed[2].num_updates == 16
+
+class _Parent(nn.Module):
+    """A LightningModule-like owner of the student and its MESA term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = bn_mlp()
+        self.mesa = MESA(self.model, decay=0.5, start_epoch=0)
+
+
+def test_mesa_is_a_module_whose_only_submodule_is_the_teacher():
+    parent = _Parent()
+    mesa = parent.mesa
+    assert [name for name, _ in mesa.named_children()] == ["ema"]
+    assert mesa.model is parent.model and mesa.teacher is mesa.ema.module
+    assert list(mesa.parameters()) == list(mesa.teacher.parameters())  # not the student's
+    keys = list(parent.state_dict())
+    assert [k for k in keys if k.startswith("model.")] == [
+        f"model.{k}" for k in mesa.model.state_dict()
+    ]
+    assert "mesa.ema.module.0.weight" in keys and "mesa._extra_state" in keys
+    assert "mesa.ema._extra_state" in keys
+
+    move_student(parent.model, torch.randn(8, 4))
+    mesa.update()
+    mesa.set_epoch(2)
+    other = _Parent()
+    other.load_state_dict(parent.state_dict())
+    for name, value in mesa.teacher.state_dict().items():
+        assert torch.equal(other.mesa.teacher.state_dict()[name], value), name
+    assert other.mesa.epoch == 2 and other.mesa.ema.num_updates == 1
+
+    parent.double()  # the teacher follows the parent's dtype (and device)
+    assert mesa.teacher[0].weight.dtype == torch.float64
+    parent.train()
+    assert mesa.model.training and not mesa.teacher.training
+    x = torch.randn(8, 4, dtype=torch.float64)
+    torch.testing.assert_close(mesa.teacher_logits(x), plain_eval_forward(mesa.teacher, x))
+
+
+def test_load_state_dict_checks_everything_before_changing_anything():
+    mesa = MESA(bn_mlp(), decay=0.5, start_epoch=0)
+    move_student(mesa.model, torch.randn(8, 4))
+    mesa.update()
+    before = {k: v.clone() for k, v in mesa.teacher.state_dict().items()}
+
+    def unchanged():
+        state = mesa.teacher.state_dict()
+        return all(torch.equal(state[k], v) for k, v in before.items()) and mesa.epoch == 0
+
+    other = MESA(bn_mlp(), start_epoch=3).state_dict()
+    other["ema.module.0.weight"] = torch.zeros(6, 5)  # the wrong shape, listed after others
+    with pytest.raises(ValueError, match=re.escape("expected ema.module.0.weight of shape (6, 4)")):
+        mesa.load_state_dict(other)
+    assert unchanged()
+    missing = MESA(bn_mlp()).state_dict()
+    del missing["_extra_state"]
+    with pytest.raises(ValueError, match=re.escape("missing ['_extra_state']")):
+        mesa.load_state_dict(missing)
+    assert unchanged()
+    old_layout = {"teacher": mesa.teacher.state_dict(), "num_updates": 1, "epoch": 0}
+    with pytest.raises(ValueError, match="unexpected \\['epoch', 'num_updates', 'teacher'\\]"):
+        mesa.load_state_dict(old_layout)
+    assert unchanged()
 
 
 def test_channels_last_teacher_keeps_values_and_gives_the_same_term():
@@ -193,9 +218,10 @@ def test_channels_last_teacher_keeps_values_and_gives_the_same_term():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
     )
-    plain = MESA(model, start_epoch=0)
+    plain = MESA(model, start_epoch=0, teacher_memory_format=None)
     channels_last = MESA(model, start_epoch=0, teacher_memory_format=torch.channels_last)
     assert channels_last.teacher[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.teacher[0].weight.is_contiguous()
     assert model[0].weight.is_contiguous()  # the student is untouched
     x = torch.randn(5, 3, 8, 8)
     model(x)  # move the student's BN statistics
@@ -210,218 +236,150 @@ def test_channels_last_teacher_keeps_values_and_gives_the_same_term():
     torch.testing.assert_close(channels_last(x, logits), plain(x, logits))
 
 
-class _Residual(nn.Module):
-    """A residual block whose first conv's output also skips its BN (that BN stays)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.shortcut = nn.Conv2d(4, 4, 1, bias=False)
-        self.shortcut_bn = nn.BatchNorm2d(4, affine=False)
-
-    def forward(self, x):
-        h = self.conv(x)
-        return torch.relu(self.bn(h) + h + self.shortcut_bn(self.shortcut(x)))
-
-
-def _cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        _Residual(),
-        nn.Flatten(),
-        nn.Linear(4 * 4 * 4, 6),
-        nn.BatchNorm1d(6),
-        nn.ReLU(),
-        nn.Linear(6, 3),
-    )
-
-
-class _BatchNormCalls(torch.overrides.TorchFunctionMode):
-    """Counts the calls of ``F.batch_norm`` made while it is active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += func is F.batch_norm
-        return func(*args, **(kwargs or {}))
-
-
-def _plain_eval_forward(mesa: MESA, x: torch.Tensor) -> torch.Tensor:
-    """An independent forward of the EMA weights: a fresh copy, NCHW, nothing folded."""
-    plain = copy.deepcopy(mesa.teacher).to(memory_format=torch.contiguous_format).eval()
-    with torch.no_grad():
-        return plain(x.contiguous())
-
-
-def _moved_student_and_teacher(model: nn.Module, mesa: MESA, x: torch.Tensor) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    model.train()(x)  # moves the running statistics
-    mesa.update()
-
-
 @pytest.mark.parametrize("memory_format", ["auto", None, torch.channels_last])
 def test_folded_teacher_equals_the_plain_eval_forward_after_every_update(memory_format):
     torch.manual_seed(0)
-    model = _cnn()
+    model = bn_cnn()
     mesa = MESA(model, decay=0.5, start_epoch=0, teacher_memory_format=memory_format)
+    assert isinstance(mesa._fast, FoldedForward)
     x = torch.randn(5, 3, 8, 8)
     for _ in range(3):
-        _moved_student_and_teacher(model, mesa, x)
-        counter = _BatchNormCalls()
-        with counter:
-            fast = mesa.teacher_logits(x)
-        assert counter.calls == 1  # all but the BN whose input is also used elsewhere
-        torch.testing.assert_close(fast, _plain_eval_forward(mesa, x), rtol=1e-5, atol=1e-6)
+        move_student(model, x)
+        mesa.update()
+        torch.testing.assert_close(
+            mesa.teacher_logits(x), plain_eval_forward(mesa.teacher, x), rtol=1e-5, atol=1e-6
+        )
 
 
-def test_auto_memory_format_is_channels_last_for_a_cpu_cnn_only():
-    assert MESA(_cnn()).teacher_memory_format == torch.channels_last
-    assert MESA(_cnn()).teacher[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert MESA(_model()).teacher_memory_format is None
-    assert MESA(_cnn(), teacher_memory_format=None).teacher[0].weight.is_contiguous()
-    with pytest.raises(ValueError, match="teacher_memory_format"):
-        MESA(_cnn(), teacher_memory_format="channels_last")
+def test_auto_memory_format_is_channels_last_for_a_built_cpu_cnn_only():
+    assert MESA(bn_cnn()).teacher_memory_format == torch.channels_last
+    assert MESA(bn_cnn()).teacher[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert MESA(bn_mlp()).teacher_memory_format is None
+    assert MESA(bn_cnn(), teacher_memory_format=None).teacher[0].weight.is_contiguous()
+    model = bn_cnn()
+    ema = EMA(model)
+    assert MESA(model, teacher=ema).teacher_memory_format is None  # yours: left as it is
+    assert ema.module[0].weight.is_contiguous()
 
 
 def test_folding_leaves_the_ema_state_and_the_term_unchanged():
     torch.manual_seed(0)
-    model = _cnn()
+    model = bn_cnn()
     folded = MESA(model, decay=0.5, start_epoch=0)
     plain = MESA(model, decay=0.5, start_epoch=0, fold_batchnorm=False)
+    assert plain._fast is None
     x = torch.randn(5, 3, 8, 8)
     for _ in range(2):
-        _moved_student_and_teacher(model, folded, x)
+        move_student(model, x)
+        folded.update()
         plain.update()
         logits = model.eval()(x)
         torch.testing.assert_close(folded(x, logits), plain(x, logits), rtol=1e-5, atol=1e-7)
-    assert folded.teacher.state_dict().keys() == plain.teacher.state_dict().keys()
-    for a, b in zip(
-        folded.teacher.state_dict().values(), plain.teacher.state_dict().values(), strict=True
-    ):
+    assert folded.state_dict().keys() == plain.state_dict().keys()
+    for a, b in zip(folded.teacher.state_dict().values(), plain.teacher.state_dict().values()):
         assert torch.equal(a, b)
 
 
-def test_folded_weights_follow_in_place_changes_and_loaded_state():
+def test_a_teacher_converted_to_another_dtype_is_folded_again():
     torch.manual_seed(0)
-    model = _cnn()
-    mesa = MESA(model, start_epoch=0)
+    mesa = MESA(bn_cnn(), start_epoch=0)
     x = torch.randn(5, 3, 8, 8)
     mesa.teacher_logits(x)
-    with torch.no_grad():  # e.g. DistributedMESA broadcasting rank 0's teacher
-        mesa.teacher[1].running_var.mul_(4.0)
-        mesa.teacher[0].weight.neg_()
-    torch.testing.assert_close(
-        mesa.teacher_logits(x), _plain_eval_forward(mesa, x), rtol=1e-5, atol=1e-6
-    )
-    other = MESA(_cnn(), start_epoch=0)
-    other.teacher_logits(x)
-    other.load_state_dict(mesa.state_dict())
-    torch.testing.assert_close(
-        other.teacher_logits(x), mesa.teacher_logits(x), rtol=1e-5, atol=1e-6
-    )
-
-
-def test_teacher_converted_to_another_dtype_is_folded_again():
-    torch.manual_seed(0)
-    mesa = MESA(_cnn(), start_epoch=0)
-    x = torch.randn(5, 3, 8, 8)
-    mesa.teacher_logits(x)
-    mesa.teacher.double()
+    mesa.double()
     fast = mesa.teacher_logits(x.double())
     assert fast.dtype == torch.float64
-    torch.testing.assert_close(fast, _plain_eval_forward(mesa, x.double()), rtol=1e-12, atol=0)
-
-
-class _DataDependent(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 6)
-        self.bn = nn.BatchNorm1d(6)
-
-    def forward(self, x):
-        if x.sum() > 0:  # cannot be traced symbolically
-            x = -x
-        return self.bn(self.linear(x))
-
-
-class _Tokens(nn.Module):
-    """Linear on (N, L, C) then BatchNorm1d over L: not the linear layer's channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(5, 5)
-        self.bn = nn.BatchNorm1d(5)
-
-    def forward(self, x):
-        return self.bn(self.linear(x)).flatten(1)
-
-
-@pytest.mark.parametrize(("module", "shape"), [(_DataDependent, (6, 4)), (_Tokens, (6, 5, 5))])
-def test_teachers_that_cannot_be_folded_run_as_they_are(module, shape):
-    torch.manual_seed(0)
-    model = module()
-    mesa = MESA(model, decay=0.5, start_epoch=0)
-    x = torch.randn(*shape)
-    _moved_student_and_teacher(model, mesa, x)
     torch.testing.assert_close(
-        mesa.teacher_logits(x), _plain_eval_forward(mesa, x), rtol=1e-5, atol=1e-6
+        fast, plain_eval_forward(mesa.teacher, x.double()), rtol=1e-12, atol=0
     )
 
 
-def test_memory_counts_the_teacher_and_its_folded_weights():
-    model = _cnn()
+def test_memory_counts_the_built_teacher_and_the_folded_weights():
+    model = bn_cnn()
     floats = sum(t.numel() for t in [*model.parameters(), *model.buffers()]) - 4
     teacher_bytes = 4 * floats + 8 * 4  # and the four BatchNorms' int64 num_batches_tracked
-    # Folded: the first conv (4·3·3·3), the residual's 1×1 shortcut (4·4) and the first
-    # linear layer (6·64), each with a new bias per output channel (4, 4 and 6).
-    folded_bytes = 4 * ((4 * 27 + 4) + (16 + 4) + (6 * 64 + 6))
+    folded_bytes = 4 * ((4 * 27 + 4) + (16 + 4) + (6 * 64 + 6))  # see test_fold
     assert MESA(model).memory_bytes == teacher_bytes + folded_bytes
     assert MESA(model, fold_batchnorm=False).memory_bytes == teacher_bytes
+    assert MESA(model, teacher=EMA(model)).memory_bytes == folded_bytes  # the copy is yours
+    assert MESA(model, teacher=EMA(model), fold_batchnorm=False).memory_bytes == 0
 
 
-class _SharedPreActivation(nn.Module):
-    """A folded conv whose output feeds the ReLU *and* the sum: the ReLU must stay out of place."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        h = self.bn(self.conv(x))
-        return self.head((nn.functional.relu(h) + h).mean((2, 3)))
-
-
-def _relu_targets(mesa: MESA) -> list[object]:
-    graph = mesa._folded.graph
-    modules = dict(graph.named_modules())
-    return [
-        n.target if n.op == "call_function" else type(modules[n.target])
-        for n in graph.graph.nodes
-        if n.target in (torch.relu, torch.relu_, F.relu)
-        or (n.op == "call_module" and isinstance(modules[n.target], nn.ReLU))
-    ]
-
-
-def test_relu_after_a_folded_layer_runs_in_place_only_when_nothing_else_reads_its_input():
+@pytest.mark.parametrize("kind", ["flatmin", "torch"])
+def test_an_ema_you_keep_is_the_teacher_without_a_second_copy(kind):
     torch.manual_seed(0)
-    # _cnn: conv→BN→ReLU and linear→BN1d→ReLU are folded and their ReLUs are the only
-    # readers; the residual's relu reads a sum, not a folded output.
-    assert _relu_targets(MESA(_cnn())) == [torch.relu_, torch.relu, torch.relu_]
-    model = _SharedPreActivation()
-    mesa = MESA(model, decay=0.5, start_epoch=0)
-    assert _relu_targets(mesa) == [F.relu]
+    model = bn_cnn()
+    if kind == "flatmin":
+        ema = EMA(model, decay=0.5)
+        step = lambda: ema.update(model)  # noqa: E731
+    else:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+        step = lambda: ema.update_parameters(model)  # noqa: E731
+    mesa = MESA(model, start_epoch=0, teacher=ema)
+    assert mesa.teacher is ema.module and not mesa.updates_teacher
+    assert list(mesa.children()) == [] and list(mesa.state_dict()) == ["_extra_state"]
+    with pytest.raises(RuntimeError, match=r"update that EMA .*ema\.update\(model\)"):
+        mesa.update()
+    mesa.set_epoch(1)
     x = torch.randn(5, 3, 8, 8)
-    _moved_student_and_teacher(model, mesa, x)
-    torch.testing.assert_close(
-        mesa.teacher_logits(x), _plain_eval_forward(mesa, x), rtol=1e-5, atol=1e-6
+    for _ in range(2):  # the owner's updates reach the (folded) teacher forward
+        move_student(model, x)
+        step()
+        torch.testing.assert_close(
+            mesa.teacher_logits(x), plain_eval_forward(ema.module, x), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_a_given_teacher_refuses_the_settings_of_the_ema_mesa_would_build():
+    model = bn_mlp()
+    with pytest.raises(ValueError, match="decay and warmup set the EMA that MESA builds"):
+        MESA(model, decay=0.99, teacher=EMA(model))
+    with pytest.raises(ValueError, match="decay and warmup"):
+        MESA(model, warmup=True, teacher=EMA(model))
+    with pytest.raises(ValueError, match="not model itself"):
+        MESA(model, teacher=model)
+    with pytest.raises(TypeError, match=r"EMA holding the averaged network as \.module"):
+        MESA(model, teacher="ema.pt")
+    plain_network = bn_mlp()  # an averaged network kept without a wrapper
+    assert MESA(model, teacher=plain_network).teacher is plain_network
+
+
+def _loop(mesa, epochs, update, x):
+    for epoch in epochs:
+        mesa.set_epoch(epoch)
+        for _ in range(3):
+            mesa(x, mesa.model(x))
+            if update:
+                mesa.update()
+
+
+def test_never_calling_update_warns_once_at_the_next_epoch_naming_it():
+    x = torch.randn(4, 4)
+    mesa = MESA(bn_mlp(), start_epoch=5)
+    with pytest.warns(RuntimeWarning) as caught:
+        _loop(mesa, range(4), update=False, x=x)  # the term is not active yet: still wrong
+    assert len(caught) == 1
+    assert str(caught[0].message) == (
+        "MESA: mesa(inputs, logits) was called 3 times in epoch 0 but mesa.update() not once, "
+        "so the EMA teacher did not move: call mesa.update() after every optimizer step"
     )
+    stuck = MESA(bn_mlp(), start_epoch=0)  # the last epoch: the checkpoint tells
+    stuck.set_epoch(1)
+    stuck(x, stuck.model(x))
+    with pytest.warns(RuntimeWarning, match=r"called 1 times in epoch 1 .*mesa\.update\(\)"):
+        stuck.state_dict()
+
+
+def test_no_update_warning_when_update_follows_the_steps_or_the_teacher_is_yours():
+    x = torch.randn(4, 4)
+    model = bn_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mesa = MESA(model, start_epoch=0)
+        _loop(mesa, range(3), update=True, x=x)
+        mesa.state_dict()
+        yours = MESA(model, start_epoch=0, teacher=EMA(model))
+        _loop(yours, range(3), update=False, x=x)
+        yours.state_dict()
+        idle = MESA(model)  # built but never called: nothing to warn about
+        for epoch in range(3):
+            idle.set_epoch(epoch)

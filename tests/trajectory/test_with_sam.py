@@ -68,7 +68,7 @@ def test_mesa_with_sam():
             loss = opt.step(closure, model=model)
             mesa.update()
             assert math.isfinite(loss.item())
-    assert mesa.num_updates == 12
+    assert mesa.ema.num_updates == 12
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), initial, strict=True))
     assert all(
         not torch.equal(p, q)

@@ -12,7 +12,8 @@ teachers need two more things, which :class:`DistributedMESA` provides:
    the *next* forward. An EMA step taken in between would average per-process
    statistics into per-process teachers. :meth:`DistributedMESA.update` first makes the
    student's statistics identical (``statistics="broadcast"``: rank 0's, which is what
-   DDP would do a moment later anyway; ``"mean"``: their average), then takes the step.
+   DDP would do a moment later anyway; ``"mean"``: their average), then takes the step
+   (for a teacher MESA built; the owner of a teacher passed to MESA updates it after).
 
 Cost: one broadcast of the norm statistics per step (negligible next to DDP's own).
 """
@@ -90,9 +91,14 @@ class DistributedMESA:
         return self.mesa(inputs, logits)
 
     def update(self) -> None:
-        """Synchronize the student's norm statistics, then take MESA's EMA step."""
+        """Synchronize the student's norm statistics, then take MESA's EMA step.
+
+        With a teacher you passed to MESA (``MESA(model, teacher=ema)``), this only
+        synchronizes the statistics: call it before your own ``ema.update(model)``.
+        """
         sync_norm_statistics(self.mesa.model, self.statistics, self.process_group)
-        self.mesa.update()
+        if self.mesa.updates_teacher:
+            self.mesa.update()
 
     def state_dict(self) -> dict[str, Any]:
         """MESA's state; identical on every process, so rank 0's is enough."""

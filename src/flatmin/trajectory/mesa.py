@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import copy
+import warnings
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import Tensor, nn
 
 from flatmin._checks import check_choice, check_int, check_real
-from flatmin.trajectory._state import require_keys
+from flatmin.trajectory.ema import EMA
+from flatmin.trajectory.fold import FoldedForward, has_forward_hooks
 from flatmin.trajectory.kl import tempered_kl, zero_term
 
 MemoryFormatChoice = torch.memory_format | Literal["auto"] | None
@@ -21,20 +22,21 @@ MEMORY_FORMATS = (
     torch.channels_last,
     torch.channels_last_3d,
 )
+DEFAULT_DECAY = 0.9998
 
 
-class MESA:
+class MESA(nn.Module):
     r"""Memory-Efficient Sharpness-Aware training: distil from an EMA of your own weights.
 
     Du et al., "Sharpness-Aware Training for Free", NeurIPS 2022, Sec. "MESA". SAF's store
     of past outputs is replaced by a teacher whose weights are an exponential moving
-    average of the student's, updated after every optimizer step:
+    average of the student's, updated after every optimizer step (:class:`EMA`):
 
     .. math::
         v_t = β_t·v_{t-1} + (1-β_t)·θ_t,\qquad v_0 = θ_0,
 
     and the loss is ``CE(z, y) + λ·τ²·mean_i KL(softmax(f_v(x_i)/τ) ‖ softmax(z_i/τ))``
-    with the teacher in eval mode, run without autograd. Usage::
+    (:func:`tempered_kl`) with the teacher in eval mode, run without autograd. Usage::
 
         mesa = MESA(model)
         for epoch in range(epochs):
@@ -45,102 +47,134 @@ class MESA:
                 opt.zero_grad(); loss.backward(); opt.step()
                 mesa.update()
 
-    The teacher starts as a deep copy of ``model`` (same device and dtype, no shared
-    storage, ``requires_grad=False``, eval mode). :meth:`update` moves every floating-point
-    parameter *and buffer* (BatchNorm's running mean and variance included) with one
-    ``torch._foreach_lerp_`` per group; integer buffers (``num_batches_tracked``) are copied.
     The paper sets ``v_1 = θ_1``; starting from a copy of the initial weights ``θ_0``
     instead differs by ``β^t·(1−β)``-weighted ``θ_0 − θ_1``, which fades as training goes on
-    (and the term only starts after ``start_epoch`` epochs).
-
-    **Decay warm-up.** With ``warmup=True`` the ``t``-th update (``t = 1, 2, …``) uses
-    ``β_t = min(decay, (1 + t)/(10 + t))`` (the ``num_updates`` form of TensorFlow's
-    ``ExponentialMovingAverage``): ``β_1 = 2/11`` so the teacher follows the student
-    closely at first, and the full ``decay`` applies after ``t ≥ (10·decay − 1)/(1 − decay)``
-    updates (44,991 for 0.9998). Without it (the official behaviour) ``β_t = decay``; at
-    0.9998 the teacher's memory is ~5,000 steps, so short runs want the warm-up.
+    (and the term only starts after ``start_epoch`` epochs). The EMA averages BatchNorm
+    buffers too and is updated from the first step on; at ``β = 0.9998`` its memory is
+    ~5,000 steps, so short runs want ``warmup=True`` (see :class:`EMA`).
 
     **Counting epochs** is the same as :class:`flatmin.SAF`'s: 0-based ``set_epoch``, the
     term is active when ``epoch > start_epoch`` (official code); before that ``mesa(x, z)``
-    returns an exact zero attached to ``z``'s graph without running the teacher. The EMA is
-    updated from the first step on.
+    returns an exact zero attached to ``z``'s graph without running the teacher.
 
-    **Cost.** One extra forward pass in eval mode, one copy of the weights and buffers and
-    the folded weights below (:attr:`memory_bytes`; ``fold_batchnorm=False`` keeps one copy
-    at the unfolded forward's speed); the paper reports ~15 % lower throughput and 98 MB for ResNet-50
-    on GPUs. The throughput share is ``step / (step + teacher forward)``, so it depends on
-    how expensive a forward is relative to a training step on the hardware at hand. A
-    forward is about a third of a training step's FLOPs, so where both run equally
-    efficiently (a compute-bound CPU) the share is at most ~75 %; on 2 CPU cores the fast
-    forward below reached 75–78 % against SGD fed channels-last inputs and 85 % against
-    SGD fed NCHW inputs, whose step is slower (``benchmarks/RESULTS.md``).
+    **The teacher: built, or yours.** By default MESA builds an :class:`EMA` of ``model``
+    (:attr:`ema`; the teacher network is ``mesa.teacher``) and :meth:`update` moves it. If
+    you already keep an EMA (``flatmin.trajectory.EMA``, timm's ``ModelEmaV3``, torch's
+    ``AveragedModel``: anything holding the averaged network as ``.module``, or that
+    network itself), pass it as ``teacher=`` and MESA reads it instead of holding a second
+    copy. Its owner keeps updating it as before (``ema.update(model)``), with its own
+    decay: ``decay`` and ``warmup`` then do not apply and :meth:`update` raises, so that
+    the average never moves twice per step. MESA neither registers nor saves a teacher
+    it did not build.
 
-    **The teacher's fast forward.** The teacher is never trained, so every eval-mode
-    BatchNorm that directly follows a convolution or linear layer (found by tracing the
-    teacher with ``torch.fx``) is an affine map folded into that layer:
+    **A module with the teacher as its only submodule.** MESA follows ``.to()``, dtype
+    casts and a parent module's ``state_dict``, holding the student by a reference that
+    is not registered (the student belongs to whoever trains it). Its ``state_dict`` is
+    torch's: the built EMA's tensors under ``ema.module.*`` plus the settings and counters
+    as extra state; ``load_state_dict`` checks every key and shape before changing
+    anything, and resuming from it is bit-exact. ``mesa.train()`` leaves the teacher in
+    eval mode.
 
-    .. math::
-        s = γ / \sqrt{σ^2_{run} + ε},\qquad W' = s·W,\qquad b' = s·(b − μ_{run}) + β.
+    **The teacher's fast forward.** On a CPU a built teacher with 4-D weights is laid out
+    channels_last (``teacher_memory_format="auto"``), where convolutions and pooling have
+    the faster kernels, and every eval-mode BatchNorm that directly follows a convolution
+    or linear layer is folded into it, with a ReLU that is the folded layer's only reader
+    run in place (:class:`flatmin.trajectory.fold.FoldedForward`). The EMA weights stay
+    the state; the teacher's logits equal the plain eval forward up to float rounding. A
+    teacher that cannot be traced by ``torch.fx``, or that carries forward hooks, runs
+    unfolded. The paper reports ~15 % lower throughput for the extra forward; the figures
+    on a CPU are in ``benchmarks/RESULTS.md``.
 
-    The folded ``W', b'`` are recomputed lazily at the first teacher forward after the
-    teacher's tensors changed (:meth:`update`, :meth:`load_state_dict`, a broadcast: any
-    in-place change bumps a tensor's version), a few small tensor operations per fold. The
-    unfolded EMA weights in :attr:`teacher` stay the source of truth (``state_dict`` is
-    unchanged); the teacher's logits equal the plain eval forward up to float rounding. A
-    teacher that cannot be traced, or that carries forward hooks, runs unfolded (forward
-    hooks see the teacher's own modules run). On a shared 2-core CPU, the small NCHW CNN
-    of ``benchmarks/trajectory_cost.py`` took 73 ms per EMA update and teacher forward
-    before, 59 ms folded, 37 ms channels_last and 19 ms with both (the defaults): NCHW
-    max-pooling and the 3-input-channel NCHW convolution are the slow kernels there. A
-    ReLU that is the only reader of a folded layer's output then runs in place, which
-    took the teacher forward from 16 to 8 ms on the idle machine.
+    **A forgotten** :meth:`update`. If ``mesa(x, logits)`` was called during an epoch but
+    :meth:`update` was not (a teacher stuck at the initial weights), MESA warns once,
+    naming ``mesa.update()``; it checks at :meth:`set_epoch` and :meth:`state_dict` (on the
+    host: counters, no device sync). It cannot tell a teacher you forgot to update from
+    one you keep fixed, so a ``teacher=`` given by you is never checked.
 
     Args:
-        model: the student; the teacher is a deep copy of it.
-        decay: ``β`` (0.9998 in the official code; the paper uses ``β ∈ (0.9, 1)``).
+        model: the student.
+        decay: ``β`` of the built EMA (0.9998 in the official code; the paper uses
+            ``β ∈ (0.9, 1)``).
         lam: ``λ`` (0.8).
         tau: temperature ``τ`` (5).
         start_epoch: ``E_start`` (5).
-        warmup: use the decay warm-up above.
+        warmup: the built EMA's decay warm-up ``β_t = min(β, (1 + t)/(10 + t))``.
         teacher_memory_format: lay the teacher's 4-D weights out in this memory format
-            (e.g. ``torch.channels_last``); ``None`` keeps the model's; ``"auto"`` (default)
-            picks ``torch.channels_last`` for a teacher with 4-D weights on the CPU and
-            keeps the model's layout elsewhere (on GPUs the better layout depends on dtype
-            and hardware). Values, device and dtype are unchanged, only the teacher's
-            forward kernels differ: on a CPU, a channels_last teacher ran its forward ~2×
-            faster for an NCHW CNN in ``benchmarks/trajectory_cost.py``.
-        fold_batchnorm: run the teacher with its eval-mode BatchNorms folded into the
-            preceding layers (above); ``False`` runs :attr:`teacher` as it is.
+            (e.g. ``torch.channels_last``); ``None`` keeps them as they are; ``"auto"``
+            (default) picks ``torch.channels_last`` for a built teacher with 4-D weights
+            on the CPU and keeps the layout elsewhere (on GPUs the better layout depends
+            on dtype and hardware) and for a teacher you pass. Values, device and dtype
+            are unchanged.
+        fold_batchnorm: run the teacher with its eval-mode BatchNorms folded (above);
+            ``False`` runs :attr:`teacher` as it is and holds no folded weights.
+        teacher: an EMA you keep and update yourself (above); ``None`` builds one.
     """
+
+    ema: EMA | None
 
     def __init__(
         self,
         model: nn.Module,
-        decay: float = 0.9998,
+        decay: float = DEFAULT_DECAY,
         lam: float = 0.8,
         tau: float = 5.0,
         start_epoch: int = 5,
         warmup: bool = False,
         teacher_memory_format: MemoryFormatChoice = "auto",
         fold_batchnorm: bool = True,
+        *,
+        teacher: nn.Module | None = None,
     ) -> None:
+        super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-        self.decay = check_real("decay", decay, minimum=0.0, maximum=1.0)
+            raise TypeError(
+                f"expected the student model as an nn.Module, got {type(model).__name__}"
+            )
         self.lam = check_real("lam", lam, minimum=0.0)
         self.tau = check_real("tau", tau, minimum=0.0, exclusive_minimum=True)
         self.start_epoch = check_int("start_epoch", start_epoch)
         check_choice("teacher_memory_format", teacher_memory_format, MEMORY_FORMATS)
-        self.model = model
-        self.warmup = bool(warmup)
-        self.num_updates = 0
-        self.epoch = 0
-        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        self.teacher_memory_format = _resolve_memory_format(teacher_memory_format, self.teacher)
-        if self.teacher_memory_format is not None:
-            self.teacher.to(memory_format=self.teacher_memory_format)
         self.fold_batchnorm = bool(fold_batchnorm)
-        self._folded = _FoldedTeacher.build(self.teacher) if self.fold_batchnorm else None
+        self.epoch = 0
+        self.__dict__["_student"] = model  # a plain reference: not a submodule of MESA
+        if teacher is None:
+            self.ema = EMA(model, decay, warmup)
+            network = self.ema.module
+        else:
+            if decay != DEFAULT_DECAY or warmup:
+                raise ValueError(
+                    "decay and warmup set the EMA that MESA builds; with teacher= given, "
+                    "the teacher's owner updates it with its own decay"
+                )
+            network = _teacher_network(teacher)
+            if network is model:
+                raise ValueError("expected the teacher to be an average of model, not model itself")
+            self.ema = None
+            self.__dict__["_given_teacher"] = network  # the owner's, not registered here
+        self.teacher_memory_format = _resolve_memory_format(
+            teacher_memory_format, network, built=teacher is None
+        )
+        if self.teacher_memory_format is not None:
+            network.to(memory_format=self.teacher_memory_format)
+        self._fast = FoldedForward.build(network.eval()) if self.fold_batchnorm else None
+        self._calls_this_epoch = 0
+        self._updates_this_epoch = 0
+        self._warned_update = False
+
+    @property
+    def model(self) -> nn.Module:
+        """The student (not a submodule: ``mesa.to()`` does not move it)."""
+        return self._student
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The teacher network: the built EMA's ``.module``, or the one you passed."""
+        return self.ema.module if self.ema is not None else self._given_teacher
+
+    @property
+    def updates_teacher(self) -> bool:
+        """Whether :meth:`update` moves the teacher (MESA built it)."""
+        return self.ema is not None
 
     @property
     def active(self) -> bool:
@@ -149,23 +183,23 @@ class MESA:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the teacher's parameters and buffers and of its folded weights."""
+        """Bytes MESA adds: the built teacher's parameters and buffers (none for a teacher
+        you pass) and the folded weights."""
+        folded = self._fast.memory_bytes if self._fast is not None else 0
+        if self.ema is None:
+            return folded
         tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
-        folded = self._folded.memory_bytes if self._folded is not None else 0
         return folded + sum(t.numel() * t.element_size() for t in tensors)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the current 0-based epoch; call it at the start of every epoch."""
-        self.epoch = check_int("epoch", epoch, minimum=0)
+        epoch = check_int("epoch", epoch, minimum=0)
+        self._check_updates()
+        if epoch != self.epoch:
+            self._calls_this_epoch = self._updates_this_epoch = 0
+        self.epoch = epoch
 
-    def current_decay(self) -> float:
-        """``β_t`` for the next update (``t = num_updates + 1``)."""
-        if not self.warmup:
-            return self.decay
-        t = self.num_updates + 1
-        return min(self.decay, (1.0 + t) / (10.0 + t))
-
-    def __call__(self, inputs: Any, logits: Tensor) -> Tensor:
+    def forward(self, inputs: Any, logits: Tensor) -> Tensor:
         """``λ·τ²·mean KL(softmax(f_v(inputs)/τ) ‖ softmax(logits/τ))``, zero before the start.
 
         ``inputs`` is passed to the teacher as ``teacher(inputs)``; ``logits`` are the
@@ -173,10 +207,10 @@ class MESA:
         """
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise ValueError(f"expected student logits of shape (B, C), got {_shape(logits)}")
+        self._calls_this_epoch += 1
         if not self.active or self.lam == 0:
             return zero_term(logits)
-        with torch.no_grad():
-            teacher_logits = self.teacher_logits(inputs)
+        teacher_logits = self.teacher_logits(inputs)
         if not isinstance(teacher_logits, Tensor) or teacher_logits.shape != logits.shape:
             raise ValueError(
                 f"expected the teacher's logits to have the student's shape "
@@ -187,298 +221,138 @@ class MESA:
     @torch.no_grad()
     def teacher_logits(self, inputs: Any) -> Any:
         """The eval-mode teacher's output for ``inputs``, through the folded forward if any."""
-        self.teacher.eval()
-        if self._folded is None or _has_forward_hooks(self.teacher):
-            return self.teacher(inputs)
-        if not self._folded.matches(self.teacher):  # tensors replaced, e.g. by .to(device)
-            self._folded = _FoldedTeacher.build(self.teacher)
-            if self._folded is None:
-                return self.teacher(inputs)
-        return self._folded(inputs)
+        teacher = self.teacher.eval()
+        if self._fast is None or has_forward_hooks(teacher):
+            return teacher(inputs)
+        if not self._fast.matches(teacher):  # tensors replaced, e.g. by .to(device)
+            self._fast = FoldedForward.build(teacher)
+            if self._fast is None:
+                return teacher(inputs)
+        return self._fast(inputs)
 
-    @torch.no_grad()
     def update(self) -> None:
         """Move the teacher one EMA step towards the student; call after each optimizer step."""
-        decay = self.current_decay()
-        lerp_teacher, lerp_student, copy_teacher, copy_student = [], [], [], []
-        pairs = [
-            *zip(self.teacher.parameters(), self.model.parameters(), strict=True),
-            *zip(self.teacher.buffers(), self.model.buffers(), strict=True),
-        ]
-        for mine, theirs in pairs:
-            if mine.is_floating_point():
-                lerp_teacher.append(mine)
-                lerp_student.append(theirs.detach())
-            else:
-                copy_teacher.append(mine)
-                copy_student.append(theirs)
-        if lerp_teacher:
-            torch._foreach_lerp_(lerp_teacher, lerp_student, 1.0 - decay)
-        if copy_teacher:
-            torch._foreach_copy_(copy_teacher, copy_student)
-        self.num_updates += 1
+        if self.ema is None:
+            raise RuntimeError(
+                "this MESA reads the teacher you passed and does not update it: update that "
+                "EMA after each optimizer step (e.g. ema.update(model)) instead"
+            )
+        self.ema.update(self._student)
+        self._updates_this_epoch += 1
 
-    def state_dict(self) -> dict[str, Any]:
-        """Teacher weights and buffers, the update count, the epoch and the settings.
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """torch's ``state_dict``: the built EMA's tensors (references, not copies) and, as
+        extra state, the epoch, the settings and the EMA's update count."""
+        self._check_updates()
+        return super().state_dict(*args, **kwargs)
 
-        Tensors are references, as in ``nn.Module.state_dict``.
-        """
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """torch's ``load_state_dict``, after checking every key, shape and extra state
+        first, so that a wrong state changes nothing."""
+        _check_loadable(nn.Module.state_dict(self), state_dict, strict)
+        result = super().load_state_dict(state_dict, strict, assign)
+        self._calls_this_epoch = self._updates_this_epoch = 0
+        return result
+
+    def get_extra_state(self) -> dict[str, Any]:
         return {
-            "teacher": self.teacher.state_dict(),
-            "num_updates": self.num_updates,
             "epoch": self.epoch,
-            "decay": self.decay,
             "lam": self.lam,
             "tau": self.tau,
             "start_epoch": self.start_epoch,
-            "warmup": self.warmup,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s contents (the teacher must have the same layout)."""
-        require_keys(state, _STATE_KEYS, "MESA")
-        self.teacher.load_state_dict(state["teacher"])
-        self.num_updates = int(state["num_updates"])
-        self.epoch = int(state["epoch"])
-        self.decay = float(state["decay"])
-        self.lam = float(state["lam"])
-        self.tau = float(state["tau"])
-        self.start_epoch = int(state["start_epoch"])
-        self.warmup = bool(state["warmup"])
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.epoch = check_int("epoch", state["epoch"], minimum=0)
+        self.lam = check_real("lam", state["lam"], minimum=0.0)
+        self.tau = check_real("tau", state["tau"], minimum=0.0, exclusive_minimum=True)
+        self.start_epoch = check_int("start_epoch", state["start_epoch"])
 
-    def __repr__(self) -> str:
+    def _check_updates(self) -> None:
+        """Warn once if the term was called during this epoch but the EMA never moved."""
+        if (
+            self.ema is None
+            or self._warned_update
+            or not self._calls_this_epoch
+            or self._updates_this_epoch
+        ):
+            return
+        self._warned_update = True
+        warnings.warn(
+            f"MESA: mesa(inputs, logits) was called {self._calls_this_epoch} times in epoch "
+            f"{self.epoch} but mesa.update() not once, so the EMA teacher did not move: call "
+            "mesa.update() after every optimizer step",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def extra_repr(self) -> str:
         return (
-            f"MESA(decay={self.decay}, lam={self.lam}, tau={self.tau}, "
-            f"start_epoch={self.start_epoch}, warmup={self.warmup}, "
-            f"num_updates={self.num_updates}, epoch={self.epoch}, "
-            f"teacher_memory_format={self.teacher_memory_format}, "
-            f"fold_batchnorm={self.fold_batchnorm})"
+            f"lam={self.lam}, tau={self.tau}, start_epoch={self.start_epoch}, "
+            f"epoch={self.epoch}, teacher_memory_format={self.teacher_memory_format}, "
+            f"fold_batchnorm={self.fold_batchnorm}, updates_teacher={self.updates_teacher}"
         )
 
 
-_STATE_KEYS = {"teacher", "num_updates", "epoch", "decay", "lam", "tau", "start_epoch", "warmup"}
-
-
-def _shape(value: object) -> str:
-    return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
+def _teacher_network(teacher: Any) -> nn.Module:
+    """The averaged network of an EMA wrapper (``.module``), or ``teacher`` itself."""
+    inner = getattr(teacher, "module", None)
+    is_wrapper = isinstance(teacher, EMA) or any(
+        callable(getattr(teacher, name, None)) for name in ("update", "update_parameters")
+    )
+    if isinstance(inner, nn.Module) and is_wrapper:
+        return inner
+    if isinstance(teacher, nn.Module):
+        return teacher
+    raise TypeError(
+        "expected teacher to be an EMA holding the averaged network as .module "
+        "(flatmin.trajectory.EMA, timm's ModelEmaV3, torch's AveragedModel) or that "
+        f"network itself, got {type(teacher).__name__}"
+    )
 
 
 def _resolve_memory_format(
-    choice: MemoryFormatChoice, teacher: nn.Module
+    choice: MemoryFormatChoice, teacher: nn.Module, built: bool
 ) -> torch.memory_format | None:
-    """``"auto"``: channels_last for a CPU teacher with 4-D weights, else the model's."""
+    """``"auto"``: channels_last for a built CPU teacher with 4-D weights, else unchanged."""
     if choice != "auto":
         return choice
     weights = [p for p in teacher.parameters() if p.dim() == 4]
-    if weights and all(p.device.type == "cpu" for p in weights):
+    if built and weights and all(p.device.type == "cpu" for p in weights):
         return torch.channels_last
     return None
 
 
-def _has_forward_hooks(module: nn.Module) -> bool:
-    hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+def _check_loadable(expected: Mapping[str, Any], state: Mapping[str, Any], strict: bool) -> None:
+    """Raise a ValueError unless ``state`` has ``expected``'s keys, shapes and extra states."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"expected a MESA state_dict (a mapping), got {type(state).__name__}")
+    if strict:
+        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+        if missing or unexpected:
+            raise ValueError(
+                f"expected a MESA state_dict with the keys {_few(expected)}; "
+                f"missing {_few(missing)}, unexpected {_few(unexpected)}"
+            )
+    for key in expected.keys() & state.keys():
+        mine, theirs = expected[key], state[key]
+        if isinstance(mine, Tensor):
+            if not isinstance(theirs, Tensor) or theirs.shape != mine.shape:
+                raise ValueError(
+                    f"expected {key} of shape {tuple(mine.shape)}, got {_shape(theirs)}"
+                )
+        elif not isinstance(theirs, Mapping) or theirs.keys() != mine.keys():
+            raise ValueError(
+                f"expected {key} to be a dict with keys {sorted(mine)}, got {theirs!r}"
+            )
 
 
-_CONV_NORMS: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
-    nn.Linear: (nn.BatchNorm1d, nn.SyncBatchNorm),
-    nn.Conv1d: (nn.BatchNorm1d, nn.SyncBatchNorm),
-    nn.Conv2d: (nn.BatchNorm2d, nn.SyncBatchNorm),
-    nn.Conv3d: (nn.BatchNorm3d, nn.SyncBatchNorm),
-}
+def _few(keys: Any) -> str:
+    names = sorted(keys)
+    return str(names) if len(names) <= 4 else f"[{', '.join(map(repr, names[:4]))}, …]"
 
 
-def _foldable(layer: nn.Module, norm: nn.Module) -> bool:
-    """Whether ``norm(layer(x))`` in eval mode is one affine map per output channel."""
-    norms = _CONV_NORMS.get(type(layer))
-    return (
-        norms is not None
-        and type(norm) in norms
-        and norm.track_running_stats
-        and norm.running_mean is not None
-        and norm.running_var is not None
-        and norm.num_features == layer.weight.shape[0]
-    )
-
-
-class _FoldedLayer(nn.Module):
-    """``norm(layer(x))`` for an eval-mode BatchNorm, as ``layer`` with folded weights.
-
-    Holds the teacher's own ``layer`` and ``norm`` (shared, never copied) and the folded
-    ``weight``/``bias`` that :class:`_FoldedTeacher` refreshes. Inputs whose channel axis
-    is not the one the norm normalizes (a linear layer on more than 2-D inputs, an
-    unbatched convolution) run the two layers as they are.
-    """
-
-    def __init__(self, layer: nn.Module, norm: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-        self.norm = norm
-        self.batched_dim = 2 if isinstance(layer, nn.Linear) else layer.weight.dim()
-        self.weight: Tensor | None = None
-        self.bias: Tensor | None = None
-
-    def sources(self) -> tuple[Tensor | None, ...]:
-        """The tensors the fold reads, looked up afresh (``.to()`` may replace buffers).
-
-        Read from the modules' parameter and buffer dicts: ``nn.Module.__getattr__`` costs
-        ~1 µs a call, which adds up over a ResNet's norms at every forward.
-        """
-        layer, norm = self.layer._parameters, self.norm._parameters
-        stats = self.norm._buffers
-        return (
-            layer["weight"],
-            layer.get("bias"),
-            norm.get("weight"),
-            norm.get("bias"),
-            stats["running_mean"],
-            stats["running_var"],
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != self.batched_dim or self.weight is None:
-            return self.norm(self.layer(x))
-        if isinstance(self.layer, nn.Linear):
-            return nn.functional.linear(x, self.weight, self.bias)
-        return self.layer._conv_forward(x, self.weight, self.bias)
-
-
-class _FoldedTeacher:
-    """The teacher's ``torch.fx`` graph with each conv/linear → BatchNorm pair folded.
-
-    Every module call other than the folded pairs goes to the teacher's own submodules, and
-    attributes read in ``forward`` are the teacher's own tensors, so the graph always sees
-    the current EMA state; only the folded weights are derived, and :meth:`__call__`
-    recomputes them when a tensor they come from has a new version or new storage.
-    """
-
-    def __init__(self, graph: fx.GraphModule, units: list[_FoldedLayer], teacher: nn.Module):
-        self.graph = graph
-        self.units = units
-        self.teacher = teacher
-        self.attributes = [n.target for n in graph.graph.nodes if n.op == "get_attr"]
-        self.key: list[tuple[int, int, int]] | None = None
-
-    @classmethod
-    def build(cls, teacher: nn.Module) -> _FoldedTeacher | None:
-        """Trace and fold ``teacher``; ``None`` when it cannot be traced or has no pair."""
-        try:
-            graph = fx.symbolic_trace(teacher)
-        except Exception:  # any untraceable forward runs unfolded
-            return None
-        modules = dict(graph.named_modules())
-        units = []
-        for node in list(graph.graph.nodes):
-            if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):
-                continue
-            source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-            if not (
-                isinstance(source, fx.Node)
-                and source.op == "call_module"
-                and len(source.users) == 1
-                and _foldable(modules[source.target], modules[node.target])
-            ):
-                continue
-            unit = _FoldedLayer(modules[source.target], modules[node.target])
-            name = f"_folded_{len(units)}"
-            graph.add_submodule(name, unit)
-            source.target = name
-            node.replace_all_uses_with(source)
-            graph.graph.erase_node(node)
-            units.append(unit)
-        if not units:
-            return None
-        _activate_in_place(graph, set(units))
-        graph.graph.lint()
-        graph.recompile()
-        return cls(graph, units, teacher)
-
-    @property
-    def memory_bytes(self) -> int:
-        """Bytes of the folded weights and biases."""
-        return sum(
-            (u.layer.weight.numel() + u.layer.weight.shape[0]) * u.layer.weight.element_size()
-            for u in self.units
-        )
-
-    def matches(self, teacher: nn.Module) -> bool:
-        """Whether the tensors the graph reads directly are still ``teacher``'s own.
-
-        Module calls and folds look their tensors up afresh; only ``get_attr`` reads
-        (tensors used outside a submodule call, rare) hold references that ``.to()``
-        could leave behind.
-        """
-        return teacher is self.teacher and all(
-            _attribute(self.graph, name) is _attribute(teacher, name) for name in self.attributes
-        )
-
-    def __call__(self, inputs: Any) -> Any:
-        key = [
-            (id(t), t.data_ptr(), t._version)
-            for u in self.units
-            for t in u.sources()
-            if t is not None
-        ]
-        if key != self.key:
-            self.refold()
-            self.key = key
-        return self.graph(inputs)
-
-    @torch.no_grad()
-    def refold(self) -> None:
-        """``W' = s·W``, ``b' = s·(b − μ) + β`` with ``s = γ/√(σ² + ε)``, for every pair."""
-        layers, norms = [u.layer for u in self.units], [u.norm for u in self.units]
-        scales = torch._foreach_add([n.running_var for n in norms], [n.eps for n in norms])
-        torch._foreach_rsqrt_(scales)
-        affine = [i for i, n in enumerate(norms) if n.weight is not None]
-        if affine:
-            torch._foreach_mul_([scales[i] for i in affine], [norms[i].weight for i in affine])
-        weights = torch._foreach_mul(
-            [m.weight for m in layers],
-            [s.view((-1,) + (1,) * (m.weight.dim() - 1)) for s, m in zip(scales, layers)],
-        )
-        biases = [
-            -n.running_mean if m.bias is None else m.bias - n.running_mean
-            for m, n in zip(layers, norms, strict=True)
-        ]
-        torch._foreach_mul_(biases, scales)
-        if affine:
-            torch._foreach_add_([biases[i] for i in affine], [norms[i].bias for i in affine])
-        for unit, weight, bias in zip(self.units, weights, biases, strict=True):
-            dtype = unit.layer.weight.dtype  # a norm kept in float32 must not promote it
-            unit.weight, unit.bias = weight.to(dtype), bias.to(dtype)
-
-
-_RELU_FUNCTIONS = (torch.relu, nn.functional.relu)
-
-
-def _activate_in_place(graph: fx.GraphModule, folded: set[nn.Module]) -> None:
-    """Rewrite ``relu(folded(x))`` as ``relu_(folded(x))`` where nothing else reads the
-    folded layer's output: the teacher runs without autograd and that output is a fresh
-    tensor, so the in-place ReLU changes no value and saves an allocation and a pass over
-    memory (on a CPU an out-of-place ReLU cost ~30 % of a small CNN's teacher forward)."""
-    modules = dict(graph.named_modules())
-    for node in list(graph.graph.nodes):
-        if node.op == "call_module":
-            module = modules[node.target]
-            is_relu = type(module) is nn.ReLU and not module.inplace
-        elif node.op == "call_function":
-            is_relu = node.target in _RELU_FUNCTIONS and not node.kwargs.get("inplace", False)
-        else:
-            is_relu = False
-        source = node.args[0] if is_relu and len(node.args) == 1 else None
-        if (
-            isinstance(source, fx.Node)
-            and source.op == "call_module"
-            and modules[source.target] in folded
-            and len(source.users) == 1
-        ):
-            node.op, node.target, node.kwargs = "call_function", torch.relu_, {}
-
-
-def _attribute(module: nn.Module, name: str) -> Any:
-    for part in name.split("."):
-        module = getattr(module, part)
-    return module
+def _shape(value: object) -> str:
+    return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
