@@ -41,8 +41,8 @@ class WithIndex(Dataset):
         return _with_index(self.dataset[index], index)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[Any, ...]]:
-        """A whole batch at once when the wrapped dataset can fetch one (the DataLoader
-        then skips its per-item loop: ~4× faster for flatmin's in-memory datasets)."""
+        """A whole batch at once when the wrapped dataset can fetch one, so the DataLoader
+        keeps its batched fetch instead of falling back to one item at a time."""
         fetch = getattr(self.dataset, "__getitems__", None)
         items = fetch(indices) if fetch is not None else [self.dataset[i] for i in indices]
         return [_with_index(item, i) for item, i in zip(items, indices)]

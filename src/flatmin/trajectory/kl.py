@@ -87,14 +87,12 @@ def tempered_kl(
 def _log_softmax(scaled: Tensor) -> Tensor:
     """Row-wise log-softmax as ``a − (log Σ exp(a − m) + m)`` with ``m = max(a)`` per row.
 
-    Same values as ``F.log_softmax``, but for a small batch it stays in single-threaded
-    element-wise kernels: ``F.log_softmax`` (forward and backward) opens an OpenMP region
-    even for a (128, 10) input, and on a busy CPU (load ≈ 10 on 2 cores, 2 threads) each
-    such region waited for a scheduler slice: a median of 60 ms instead of 80 µs for the
-    term's forward and backward at batch 128 with 10 classes. The arithmetic is
-    ``torch.logsumexp``'s (the same values for finite rows) without its infinity masking
-    (a row holding ±inf gives NaN either way); the shift ``m`` cancels in the gradient,
-    so it is taken without one.
+    The values of ``F.log_softmax``, computed with element-wise kernels only:
+    ``F.log_softmax`` (forward and backward) opens an OpenMP parallel region even for a
+    (128, 10) input, and on a CPU shared with other work each such region can wait for a
+    scheduler slice. The arithmetic is ``torch.logsumexp``'s (the same values for finite
+    rows) without its infinity masking (a row holding ±inf gives NaN either way); the
+    shift ``m`` cancels in the gradient, so it is taken without one.
     """
     row_max = scaled.detach().amax(dim=1, keepdim=True)
     return scaled - ((scaled - row_max).exp().sum(dim=1, keepdim=True).log() + row_max)
@@ -104,7 +102,7 @@ def _log_softmax(scaled: Tensor) -> Tensor:
 def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A 0-dim tensor holding ``value`` (never modified; cached, as τ and λ rarely change).
 
-    Multiplying by it skips the conversion a Python float (a float64 scalar) costs on
+    Multiplying by it spares the conversion of a Python float (a float64 scalar) in
     every element-wise call, forward and backward.
     """
     with torch.inference_mode(False):  # a normal tensor, so autograd may save it
