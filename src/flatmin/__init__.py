@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SAM": "flatmin.optim.sam",
-    "ASAM": "flatmin.optim.sam",
-    "StableSAM": "flatmin.optim.sam",
+    "ASAM": "flatmin.optim.presets",
+    "StableSAM": "flatmin.optim.presets",
     "GSAM": "flatmin.optim.gsam",
     "LookSAM": "flatmin.optim.looksam",
     "ESAM": "flatmin.optim.esam",

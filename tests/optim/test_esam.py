@@ -6,13 +6,23 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from flatmin import ESAM, SAM
-from tests.optim.test_family_contract import BASES, batches, bn_net, snapshot, state_equal, train
+from tests.optim.helpers import (
+    BASES,
+    assert_resumes_bit_exactly,
+    batches,
+    bn_net,
+    snapshot,
+    state_equal,
+    train,
+    train_per_sample,
+)
 
 DT = torch.float64
 
@@ -151,17 +161,6 @@ def test_freezing_unperturbed_tensors_changes_no_result():
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-def train_per_sample(model, opt, data):
-    for x, y in data:
-        opt.zero_grad()
-
-        def closure(indices=None, x=x, y=y):
-            xb, yb = (x, y) if indices is None else (x[indices], y[indices])
-            return nn.functional.cross_entropy(model(xb), yb, reduction="none")
-
-        opt.step(closure, model=model)
-
-
 def test_batchnorm_statistics_move_once_with_data_selection():
     model = bn_net()
     opt = ESAM(model.parameters(), torch.optim.SGD, gamma=0.5, seed=0, lr=0.1)
@@ -205,23 +204,32 @@ def test_weights_and_state_restored_when_a_later_pass_raises(failing_call):
 
 @pytest.mark.parametrize("base", BASES)
 def test_resume_with_data_selection_is_bit_exact(base, tmp_path):
-    base_cls, kw = BASES[base]
-    data = batches(8)
-    straight = bn_net()
-    train_per_sample(straight, ESAM(straight.parameters(), base_cls, seed=4, **kw), data)
+    assert_resumes_bit_exactly(
+        lambda params, base_cls, **kw: ESAM(params, base_cls, seed=4, **kw),
+        base,
+        tmp_path,
+        steps=8,
+        stop_after=5,
+        run=train_per_sample,
+        # the seed comes from the checkpoint
+        make_resumed_optimizer=lambda params, base_cls, **kw: ESAM(
+            params, base_cls, seed=123, **kw
+        ),
+    )
 
-    first = bn_net()
-    opt1 = ESAM(first.parameters(), base_cls, seed=4, **kw)
-    train_per_sample(first, opt1, data[:5])
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, tmp_path / "ckpt.pt")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    resumed = bn_net(seed=99)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = ESAM(resumed.parameters(), base_cls, seed=123, **kw)  # the seed comes from ckpt
-    opt2.load_state_dict(ckpt["opt"])
-    train_per_sample(resumed, opt2, data[5:])
-    a, b = snapshot(straight), snapshot(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+
+def test_state_dict_keeps_the_counter_and_the_seed_in_every_group():
+    net = nn.Linear(4, 2)
+    groups = [{"params": [net.weight]}, {"params": [net.bias], "lr": 0.01}]
+    opt = ESAM(groups, torch.optim.SGD, seed=7, gamma=1.0, lr=0.1)
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        opt.step(lambda: (loss := net(x).square().mean()).backward() or loss)
+    sd = opt.state_dict()
+    assert [(g["steps_done"], g["seed"]) for g in sd["param_groups"]] == [(3, 7), (3, 7)]
+    assert all("seed" not in g for g in opt.param_groups)
+    with pytest.raises(ValueError, match=r"lack \['steps_done', 'seed'\]"):
+        opt.load_state_dict(SAM(groups, torch.optim.SGD, lr=0.1).state_dict())
 
 
 def test_scalar_closure_with_data_selection_warns_once_and_uses_every_sample():
@@ -229,8 +237,6 @@ def test_scalar_closure_with_data_selection_warns_once_and_uses_every_sample():
     opt = ESAM(model.parameters(), torch.optim.SGD, gamma=0.5, seed=0, lr=0.1)
     with pytest.warns(UserWarning, match="per-sample losses"):
         train(model, opt, batches(1))
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(model, opt, batches(1))

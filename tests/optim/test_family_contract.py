@@ -1,8 +1,9 @@
 """Guarantees every SAM-family optimizer gives (DESIGN.md, principles 1–3 and 6).
 
-Parametrized over tests/optim/family.py: bit-exact resume for SGD with momentum and for
-AdamW, exact restore when the second pass raises or leaves a parameter without a
-gradient, BatchNorm statistics moved once per step, and steps under bf16 autocast.
+Parametrized over tests/optim/helpers.py's FAMILY: bit-exact resume for SGD with
+momentum and for AdamW, exact restore when the second pass raises or leaves a parameter
+without a gradient, BatchNorm statistics moved once per step, and steps under bf16
+autocast.
 """
 
 from __future__ import annotations
@@ -13,118 +14,57 @@ import pytest
 import torch
 from torch import nn
 
-from tests.optim.family import FAMILY
+from tests.optim.helpers import (
+    BASES,
+    FAMILY,
+    assert_resumes_bit_exactly,
+    batches,
+    bn_net,
+    looksam_k2,
+    same,
+    snapshot,
+    state_equal,
+    train,
+)
 
-BASES = {
-    "sgd_momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4)),
-    "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.01)),
+# The contracts that cross step boundaries also run on LookSAM with k = 2, so that they
+# cover its reuse steps (a checkpoint taken before a reuse step, for one).
+ACROSS_STEPS = {**FAMILY, "looksam_k2": looksam_k2}
+
+
+# (uses_clean_gradient, per_sample_closure): what each member's update needs, which
+# flatmin.distributed.sam_step reads instead of knowing the classes.
+TRAITS = {
+    "sam": (False, False),
+    "asam": (False, False),
+    "asam_all": (False, False),
+    "usam": (False, False),
+    "stablesam": (True, False),
+    "gsam": (True, False),
+    "looksam": (True, False),
+    "esam": (False, True),
 }
 
 
-def bn_net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 16),
-        nn.BatchNorm1d(16),
-        nn.ReLU(),
-        nn.Linear(16, 16),
-        nn.ReLU(),
-        nn.Linear(16, 4),
-    )
-
-
-def batches(n, seed=123):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(12, 6, generator=g), torch.randint(0, 4, (12,), generator=g)) for _ in range(n)
-    ]
-
-
-def train(model, opt, data):
-    losses = []
-    for x, y in data:
-        opt.zero_grad()
-
-        def closure(x=x, y=y):
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        losses.append(opt.step(closure, model=model).detach())
-    return losses
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _flatten_state(sd):
-    out = []
-
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            out.append(x.clone())
-        elif isinstance(x, dict):
-            for k in sorted(x, key=str):
-                walk(x[k])
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-        else:
-            out.append(x)
-
-    walk(sd)
-    return out
-
-
-def state_equal(a, b):
-    fa, fb = _flatten_state(a), _flatten_state(b)
-    if len(fa) != len(fb):
-        return False
-    for x, y in zip(fa, fb):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return False
-        if isinstance(x, torch.Tensor):
-            if not torch.equal(x, y):
-                return False
-        elif x != y:
-            return False
-    return True
+@pytest.mark.parametrize("name", FAMILY)
+def test_traits(name):
+    opt = FAMILY[name](nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1)
+    assert (opt.uses_clean_gradient, opt.per_sample_closure) == TRAITS[name]
+    if name != "stablesam":  # StableSAM's ‖g‖ makes any member use the clean gradient
+        kw = dict(lr=0.1, stable=True)
+        assert FAMILY[name](nn.Linear(2, 2).parameters(), torch.optim.SGD, **kw).uses_clean_gradient
 
 
 @pytest.mark.parametrize("base", BASES)
-@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("name", ACROSS_STEPS)
 def test_resume_is_bit_exact(name, base, tmp_path):
-    base_cls, kw = BASES[base]
-    data = batches(12)
-
-    straight = bn_net()
-    opt = FAMILY[name](straight.parameters(), base_cls, **kw)
-    train(straight, opt, data)
-
-    first = bn_net()
-    opt1 = FAMILY[name](first.parameters(), base_cls, **kw)
-    train(first, opt1, data[:7])
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, tmp_path / "ckpt.pt")
-    del first, opt1
-
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    resumed = bn_net(seed=99)  # different init: everything must come from the checkpoint
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = FAMILY[name](resumed.parameters(), base_cls, **kw)
-    opt2.load_state_dict(ckpt["opt"])
-    train(resumed, opt2, data[7:])
-    assert same(snapshot(straight), snapshot(resumed))
+    assert_resumes_bit_exactly(ACROSS_STEPS[name], base, tmp_path)
 
 
-@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("name", ACROSS_STEPS)
 def test_weights_restored_when_second_pass_raises(name):
     model = bn_net()
-    opt = FAMILY[name](model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt = ACROSS_STEPS[name](model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
     data = batches(3)
     train(model, opt, data[:2])
     weights, state = snapshot(model), copy.deepcopy(opt.state_dict())

@@ -1,6 +1,6 @@
 """LookSAM: one pass on reuse steps, the reused direction against a float64 closed form on
-L(w) = ½ wᵀAw with SGD and AdamW, its state in the checkpoint, and the family contracts
-run with k = 2 so that they cross reuse steps."""
+L(w) = ½ wᵀAw with SGD and AdamW, and its state in the checkpoint. The family contracts
+(test_family_contract.py) also run with k = 2, across reuse steps."""
 
 from __future__ import annotations
 
@@ -12,30 +12,17 @@ from torch import nn
 
 from flatmin import SAM, LookSAM
 from flatmin.optim.bn import running_stats_frozen
-from tests.optim import test_family_contract as contract
-from tests.optim.test_family_contract import batches, bn_net, snapshot, state_equal, train
-from tests.optim.test_sam import Quadratic, flat, grad_at, make_problem
-
-LOOKSAM_K2 = "looksam_k2"
-
-
-@pytest.fixture
-def family_with_k2(monkeypatch):
-    """The lead's contract tests, pointed at LookSAM with k = 2 (full, reuse, full, …)."""
-    monkeypatch.setitem(
-        contract.FAMILY,
-        LOOKSAM_K2,
-        lambda params, base, **kw: LookSAM(params, base, rho=0.05, k=2, alpha=0.7, **kw),
-    )
-
-
-@pytest.mark.parametrize("base", contract.BASES)
-def test_resume_across_reuse_steps_is_bit_exact(family_with_k2, base, tmp_path):
-    contract.test_resume_is_bit_exact(LOOKSAM_K2, base, tmp_path)  # checkpoint before a reuse step
-
-
-def test_weights_restored_when_a_full_steps_second_pass_raises(family_with_k2):
-    contract.test_weights_restored_when_second_pass_raises(LOOKSAM_K2)
+from tests.optim.helpers import (
+    Quadratic,
+    batches,
+    bn_net,
+    flat,
+    grad_at,
+    make_problem,
+    snapshot,
+    state_equal,
+    train,
+)
 
 
 def test_reuse_steps_call_the_closure_once():
@@ -57,7 +44,7 @@ def test_reuse_steps_call_the_closure_once():
         assert len(calls) - before == (1 if reuse[-1] else 2)
     assert reuse == [False, True, True, False, True, True, False]
     assert len(calls) == 3 * 2 + 4 * 1
-    assert opt.state_dict()["method"]["steps_done"] == 7
+    assert [g["steps_done"] for g in opt.state_dict()["param_groups"]] == [7]
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
@@ -161,15 +148,57 @@ def test_batchnorm_statistics_move_once_on_full_and_reuse_steps():
         assert model[1].num_batches_tracked.item() == step
 
 
-def test_state_dict_holds_counter_and_reused_direction():
+def g_v_of(state_dict):
+    """The kept g_v of every parameter, in the state dict's numbering."""
+    return [state_dict["state"][i]["g_v"] for i in sorted(state_dict["state"])]
+
+
+def test_state_dict_has_torch_layout_with_g_v_per_parameter_and_counters_in_groups():
+    model = bn_net()
+    params = list(model.parameters())
+    opt = LookSAM(model.parameters(), torch.optim.SGD, k=2, lr=0.05, momentum=0.9)
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"} and sd["state"] == {}
+    assert (sd["param_groups"][0]["steps_done"], sd["param_groups"][0]["g_v_norm"]) == (0, None)
+    train(model, opt, batches(1))
+    sd = opt.state_dict()
+    assert set(sd["state"]) == set(range(len(params)))
+    for i, p in enumerate(params):
+        assert set(sd["state"][i]) == {"momentum_buffer", "g_v"}
+        assert sd["state"][i]["g_v"].shape == p.shape
+    group = sd["param_groups"][0]
+    assert group["steps_done"] == 1 and opt.is_reuse_step
+    g_v = torch.cat([t.flatten() for t in g_v_of(sd)])
+    assert group["g_v_norm"].item() == pytest.approx(g_v.norm().item(), rel=1e-6)
+    # Only the base optimizer's entries live in the shared optimizer state.
+    assert opt.base_optimizer.state is opt.state
+    assert all(set(s) == {"momentum_buffer"} for s in opt.state.values())
+    assert all("steps_done" not in g for g in opt.param_groups)
+
+
+def test_torch_state_dict_hooks_see_the_method_state():
     model = bn_net()
     opt = LookSAM(model.parameters(), torch.optim.SGD, k=2, lr=0.05)
-    assert opt.state_dict()["method"]["g_v"] == [None] * len(list(model.parameters()))
+    seen, loaded = [], []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(sorted(sd["state"][0])))
+    opt.register_load_state_dict_post_hook(lambda o: loaded.append(o.base_optimizer.state))
     train(model, opt, batches(1))
-    method = opt.state_dict()["method"]
-    assert method["steps_done"] == 1 and opt.is_reuse_step
-    g_v = torch.cat([t.flatten() for t in method["g_v"]])
-    assert method["g_v_norm"].item() == pytest.approx(g_v.norm().item(), rel=1e-6)
+    opt.load_state_dict(opt.state_dict())
+    assert seen == [["g_v"]]  # SGD without momentum keeps no state of its own
+    assert loaded == [opt.state] and not opt.state  # loaded, shared, no g_v left in it
+    assert opt.is_reuse_step
+
+
+def test_resume_with_adam_leaves_adam_its_own_state():
+    """Adam initialises a parameter's state only while it is empty: g_v must never be in
+    the live state, also right after loading a state dict taken at the first step."""
+    model = bn_net()
+    opt = LookSAM(model.parameters(), torch.optim.Adam, k=2, lr=1e-3)
+    train(model, opt, batches(1))
+    resumed = LookSAM(bn_net().parameters(), torch.optim.Adam, k=2, lr=1e-3)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in resumed.state.values())
+    assert state_equal(resumed.state_dict(), opt.state_dict())
 
 
 def test_loading_a_state_of_another_model_changes_nothing():
@@ -239,11 +268,11 @@ def test_non_finite_full_step_is_skipped_and_keeps_the_previous_g_v():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     assert looksam_amp_step(model, opt, scaler, x, y)  # full step: g_v from here
     assert not looksam_amp_step(model, opt, scaler, x, y)  # reuse step
-    kept = [t.clone() for t in opt.state_dict()["method"]["g_v"]]
+    kept = [t.clone() for t in g_v_of(opt.state_dict())]
     weights = snapshot(model)
     assert looksam_amp_step(model, opt, scaler, x, y, poison_second=True)
     assert same_tensors(snapshot(model).values(), weights.values())  # the scaler skipped it
-    assert same_tensors(opt.state_dict()["method"]["g_v"], kept)
+    assert same_tensors(g_v_of(opt.state_dict()), kept)
     assert not looksam_amp_step(model, opt, scaler, x, y)  # reuse step with the kept g_v
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -268,6 +297,6 @@ def test_kept_direction_is_updated_in_place_and_a_loaded_state_is_copied():
     other.load_state_dict(model.state_dict())
     resumed = LookSAM(other.parameters(), torch.optim.SGD, rho=0.05, k=2, alpha=0.7, lr=0.05)
     resumed.load_state_dict(saved)
-    before = [t.clone() for t in saved["method"]["g_v"]]
+    before = [t.clone() for t in g_v_of(saved)]
     train(other, resumed, data[3:6])  # reuse, full, reuse: the full step updates g_v
-    assert all(torch.equal(a, b) for a, b in zip(before, saved["method"]["g_v"]))
+    assert same_tensors(before, g_v_of(saved))

@@ -11,55 +11,17 @@ from torch import nn
 
 from flatmin import ASAM, SAM, StableSAM
 from flatmin.optim._buckets import is_adaptive_weight
-
-DT = torch.float64
-
-
-class Quadratic(nn.Module):
-    """L([w; b]) = ½ [w; b]ᵀ A [w; b] with a 'weight' and a 'bias' parameter."""
-
-    def __init__(self, w: torch.Tensor, b: torch.Tensor, A: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(w.clone())
-        self.bias = nn.Parameter(b.clone())
-        self.register_buffer("A", A)
-
-    def forward(self) -> torch.Tensor:
-        v = torch.cat([self.weight.reshape(-1), self.bias])
-        return 0.5 * v @ self.A @ v
-
-
-def make_problem(n_w=6, n_b=3, weight_shape=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = n_w + n_b
-    M = torch.randn(n, n, generator=g, dtype=DT)
-    A = M @ M.T / n + torch.eye(n, dtype=DT)
-    w = torch.randn(n_w, generator=g, dtype=DT)
-    b = torch.randn(n_b, generator=g, dtype=DT)
-    if weight_shape is not None:
-        w = w.reshape(weight_shape)
-    return w, b, A
-
-
-def grad_at(A, v):
-    return A @ v
-
-
-def one_step(opt, model):
-    opt.zero_grad()
-    return opt.step(lambda: (loss := model()).backward() or loss)
-
-
-def flat(model):
-    return torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
-
-
-LR = 0.1
-
-
-def expected_step(A, v, eps, gamma=1.0):
-    """v − lr·γ·∇L(v + ε) for plain SGD."""
-    return v - LR * gamma * grad_at(A, v + eps)
+from tests.optim.helpers import (
+    DT,
+    LR,
+    Quadratic,
+    expected_step,
+    flat,
+    grad_at,
+    make_problem,
+    one_step,
+    state_equal,
+)
 
 
 def test_sam_perturbation_and_update_match_closed_form():
@@ -369,15 +331,22 @@ def test_step_returns_the_first_pass_loss():
     assert torch.equal(loss.detach(), first)
 
 
-def test_state_dict_holds_base_state_and_no_transient_copies():
+def test_state_dict_has_torch_layout_and_no_transient_copies():
     net = nn.Linear(3, 2)
     opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     opt.step(lambda: (loss := net(torch.ones(1, 3)).sum()).backward() or loss)
     sd = opt.state_dict()
-    base_state = sd["base_optimizer"]["state"]
-    assert set(base_state) == {0, 1}
-    assert all(set(s) == {"momentum_buffer"} for s in base_state.values())
-    assert sd["base_optimizer"]["param_groups"][0]["rho"] == 0.05
+    assert set(sd) == {"state", "param_groups"}
+    assert set(sd["state"]) == {0, 1}
+    assert all(set(s) == {"momentum_buffer"} for s in sd["state"].values())
+    group = sd["param_groups"][0]
+    assert (group["rho"], group["adaptive"], group["eta"], group["params"]) == (
+        0.05,
+        None,
+        None,
+        [0, 1],
+    )
+    assert sd == opt.base_optimizer.state_dict()  # nothing of SAM's own beyond the settings
     net(torch.ones(1, 3)).sum().backward()
     opt.first_step()
     with pytest.raises(RuntimeError, match="after second_step"):
@@ -477,5 +446,25 @@ class TestBadInput:
     def test_load_state_dict_of_wrong_kind(self):
         net = nn.Linear(2, 2)
         opt = SAM(net.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
-        with pytest.raises(ValueError, match="base_optimizer"):
+        with pytest.raises(ValueError, match=r"its param groups lack \['rho', 'adaptive', 'eta'\]"):
             opt.load_state_dict(torch.optim.SGD(net.parameters(), lr=0.1).state_dict())
+
+    def test_load_state_dict_of_the_earlier_layout_changes_nothing(self):
+        net = nn.Linear(2, 2)
+        opt = SAM(net.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        opt.step(lambda: (loss := net(torch.ones(1, 2)).sum()).backward() or loss)
+        before = copy.deepcopy(opt.state_dict())
+        earlier = {"base_optimizer": opt.base_optimizer.state_dict(), "method": {}}
+        with pytest.raises(ValueError, match=r"layout \{'base_optimizer', 'method'\}"):
+            opt.load_state_dict(earlier)
+        assert state_equal(opt.state_dict(), before)
+
+    @pytest.mark.parametrize("rho", [float("nan"), -1.0])
+    def test_load_state_dict_with_a_bad_rho_changes_nothing(self, rho):
+        net = nn.Linear(2, 2)
+        opt = SAM(net.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        saved = opt.state_dict()
+        saved["param_groups"][0]["rho"] = rho
+        with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+            opt.load_state_dict(saved)
+        assert opt.param_groups[0]["rho"] == 0.05

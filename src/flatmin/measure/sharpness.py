@@ -40,7 +40,7 @@ from flatmin.measure.batches import (
     split_batches,
 )
 from flatmin.optim._buckets import is_adaptive_weight
-from flatmin.optim.sam import DEFAULT_ETA, check_adaptive, check_rho
+from flatmin.optim._settings import DEFAULT_ETA, check_adaptive, check_rho
 
 Progress = Callable[[Iterable], Iterable]
 

@@ -9,7 +9,8 @@ from flatmin.optim.bn import disable_running_stats, enable_running_stats, runnin
 from flatmin.optim.esam import ESAM
 from flatmin.optim.gsam import GSAM
 from flatmin.optim.looksam import LookSAM
-from flatmin.optim.sam import ASAM, SAM, StableSAM
+from flatmin.optim.presets import ASAM, StableSAM
+from flatmin.optim.sam import SAM
 
 __all__ = [
     "ASAM",

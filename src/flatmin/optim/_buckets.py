@@ -111,3 +111,42 @@ def global_dot(a: list[list[Tensor]], b: list[list[Tensor]], device: torch.devic
     if not parts:
         return torch.zeros((), device=device)
     return torch.stack(parts).sum()
+
+
+def adaptive_scale(bucket: Bucket) -> list[Tensor]:
+    """ASAM's ``T_w = |w| + η`` for a bucket of scaled parameters (η from its group)."""
+    scale = torch._foreach_abs(bucket.params)
+    eta = bucket.group["eta"]
+    if eta:
+        torch._foreach_add_(scale, eta)
+    return scale
+
+
+def weighted(bucket: Bucket, tensors: list[Tensor]) -> list[Tensor]:
+    """``T ⊙ t`` for a bucket of ASAM-scaled parameters, ``t`` itself otherwise."""
+    if not bucket.scaled:
+        return tensors
+    return torch._foreach_mul(tensors, adaptive_scale(bucket))
+
+
+def scale_gradients_(param_groups: list[dict], factor: Tensor) -> None:
+    """Multiply every gradient of ``param_groups`` by the scalar tensor ``factor``."""
+    for b in make_buckets(param_groups, adaptive_rule=False):
+        torch._foreach_mul_(b.grads, factor.to(b.device, b.grads[0].dtype))
+
+
+def clip_gradients_(param_groups: list[dict], max_norm: float, device: torch.device) -> None:
+    """Scale every gradient so that their global L2 norm is at most ``max_norm``."""
+    norm = global_norm([b.grads for b in make_buckets(param_groups, adaptive_rule=False)], device)
+    scale_gradients_(param_groups, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+def mark_nonfinite_(buckets: list[Bucket], finite: Tensor) -> None:
+    """Make a GradScaler see a non-finite first pass: one NaN per device unless
+    ``finite`` (a boolean tensor) is true."""
+    seen: set[torch.device] = set()
+    for b in buckets:
+        if b.device not in seen:
+            seen.add(b.device)
+            poison = torch.where(finite, 1.0, float("nan")).to(b.device, b.grads[0].dtype)
+            b.grads[0].mul_(poison)

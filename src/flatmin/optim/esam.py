@@ -27,15 +27,14 @@ Defaults ``β = 0.6, γ = 0.5, ρ = 0.05`` are the authors' CIFAR ResNet-18 sett
 
 **Cost.** A step is a forward/backward at ``w`` (without the weight gradients of the
 unperturbed tensors), a no-grad forward of the whole batch at ``w + ε`` and a
-forward/backward on ``⌈γB⌉`` samples. It beats SAM when that no-grad forward is cheap next
-to a training step: 116–119 % of SAM's throughput for a CIFAR ResNet-18 on a 2-core CPU,
-129 % for a small BatchNorm CNN fed channels-last inputs, but only SAM's speed for the same
-CNN fed NCHW inputs, where CPU max-pooling in NCHW makes a no-grad forward half a step
-(``benchmarks/RESULTS.md``).
+forward/backward on ``⌈γB⌉`` samples, so it is cheaper than SAM when that no-grad
+forward is cheap next to a training step (``benchmarks/RESULTS.md`` has the figures).
 
-The closure of :meth:`ESAM.step` takes an optional index tensor and returns per-sample
-losses (``reduction="none"``) **without** calling ``backward``; ESAM takes the means
-and runs the backward passes itself::
+The closure of :meth:`ESAM.step` (trait ``per_sample_closure``) takes an optional index
+tensor and returns per-sample losses (``reduction="none"``) **without** calling
+``backward``; ESAM takes the means and runs the backward passes itself
+(:meth:`ESAM.run_first_pass`, :meth:`ESAM.run_second_pass`, which
+:func:`flatmin.distributed.sam.sam_step` calls too)::
 
     opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.05, beta=0.6, gamma=0.5,
                lr=0.1, momentum=0.9)
@@ -75,12 +74,11 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
-from flatmin._checks import check_real
+from flatmin._checks import check_int, check_real
 from flatmin.optim._buckets import Bucket
-from flatmin.optim.bn import running_stats_frozen
 from flatmin.optim.sam import SAM
 
 _MASK64 = (1 << 64) - 1
@@ -98,10 +96,14 @@ class ESAM(SAM):
         seed: seed of the per-step subset draws (default: drawn from torch's global
             generator, so ``torch.manual_seed`` makes it reproducible).
         freeze_unperturbed: let :meth:`step` skip the first-pass gradients of the
-            tensors it leaves unperturbed (turn off under DistributedDataParallel,
-            which expects the same parameters to require gradients on every pass).
+            tensors it leaves unperturbed.
         **kwargs: SAM options and the base optimizer's keyword arguments.
+
+    ``state_dict()`` keeps ``steps_done`` and ``seed`` in every param group.
     """
+
+    per_sample_closure = True
+    _group_keys = ("steps_done", "seed")
 
     def __init__(
         self,
@@ -119,6 +121,7 @@ class ESAM(SAM):
         gamma = _check_fraction("gamma", gamma, "fraction of the batch in the second pass", 0.5)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
+        check_int("seed", seed)
         super().__init__(params, base_optimizer, rho, **kwargs)
         self.beta = float(beta)
         self.gamma = float(gamma)
@@ -130,6 +133,7 @@ class ESAM(SAM):
     def _clear_transient(self) -> None:
         super()._clear_transient()
         self._perturb_nothing = False
+        self._first_losses: Tensor | None = None
 
     # -- stochastic weight perturbation ---------------------------------------------------
 
@@ -194,65 +198,60 @@ class ESAM(SAM):
         super().second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
         self.steps_done += 1
 
-    def step(
-        self,
-        closure: Callable[..., Tensor] | None = None,
-        *,
-        model: nn.Module | None = None,
-    ) -> Tensor | None:
-        """One ESAM step; see the module docstring for the closure's form.
-
-        ``closure(indices=None)`` returns per-sample losses of the whole batch, or of
-        the samples ``indices`` only, without calling backward. Pass ``model`` to keep
-        its BatchNorm statistics to the first pass. Returns the mean first-pass loss.
-        Weights are restored if a later pass raises.
-        """
-        if closure is None:
-            return super().step(None)
-        forward = closure
-        closure = torch.enable_grad()(closure)
-        with self.unperturbed_frozen() if self.freeze_unperturbed else nullcontext():
+    def run_first_pass(
+        self, closure: Callable[..., Tensor], *, skip_unused_gradients: bool = True
+    ) -> Tensor:
+        """The first pass at ``w``: ``closure()`` gives per-sample losses, whose mean's
+        gradient is taken here; returns that mean (detached). With
+        ``freeze_unperturbed`` and ``skip_unused_gradients`` the tensors this step leaves
+        unperturbed are frozen meanwhile (a synchronizing DDP backward needs every
+        gradient, so :func:`~flatmin.distributed.sam.sam_step` turns it off there). A
+        SAM-style closure (backward inside, scalar loss) is run as it is."""
+        freeze = self.freeze_unperturbed and skip_unused_gradients
+        with self.unperturbed_frozen() if freeze else nullcontext():
             before = closure()
-            per_sample = before.ndim > 0
+            per_sample = isinstance(before, Tensor) and before.ndim > 0
             if per_sample:
                 before.mean().backward()
-        if not per_sample and self.gamma < 1 and not self._warned_scalar_loss:
+        if per_sample:
+            self._first_losses = before.detach()
+            return self._first_losses.mean()
+        if self.gamma < 1 and not self._warned_scalar_loss:
             self._warned_scalar_loss = True
             warnings.warn(
-                "ESAM.step got a scalar loss: data selection needs per-sample losses "
-                "(reduction='none', no backward in the closure); every sample takes part "
-                "in the second pass",
-                stacklevel=2,
+                "ESAM's closure returned a scalar loss: data selection needs per-sample "
+                "losses (reduction='none', no backward in the closure); every sample takes "
+                "part in the second pass",
+                stacklevel=3,
             )
-        self.first_step(zero_grad=True)
-        try:
-            with running_stats_frozen(model) if model is not None else nullcontext():
-                if not per_sample:
-                    closure()
-                elif self.gamma < 1:
-                    with torch.no_grad():
-                        after = forward()
-                    closure(self.select_samples(before, after)).mean().backward()
-                else:
-                    closure().mean().backward()
-        except BaseException:
-            self.abandon_step()
-            raise
-        self.second_step()
-        return before.detach().mean() if per_sample else before
+        self._first_losses = None
+        return before
+
+    def run_second_pass(self, closure: Callable[..., Tensor]) -> None:
+        """The second pass at ``w + ε``: with ``gamma < 1`` a no-grad forward of the batch
+        picks the ``⌈γB⌉`` samples whose loss rose most (:meth:`select_samples`), and the
+        gradient of their mean loss is taken; with ``gamma = 1`` every sample's."""
+        before = self._first_losses
+        if before is None:
+            closure()
+        elif self.gamma < 1:
+            with torch.no_grad():
+                after = closure()
+            closure(self.select_samples(before, after)).mean().backward()
+        else:
+            closure().mean().backward()
 
     # -- checkpointing ------------------------------------------------------------------
 
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
-    def _method_state(self) -> dict[str, Any]:
+    def _group_extras(self) -> dict[str, Any]:
         """The step counter and the seed: together they fix every future subset."""
         return {"steps_done": self.steps_done, "seed": self.seed}
 
-    def _load_method_state(self, state: dict[str, Any]) -> None:
-        self.steps_done = int(state.get("steps_done", 0))
-        self.seed = int(state.get("seed", self.seed))
+    def _load_method_state(
+        self, per_param: dict[Tensor, dict[str, Tensor]], values: dict[str, Any]
+    ) -> None:
+        self.steps_done = int(values["steps_done"])
+        self.seed = int(values["seed"])
 
 
 def _splitmix64(seed: int, step: int) -> int:

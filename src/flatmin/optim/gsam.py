@@ -50,7 +50,8 @@ from torch.optim import Optimizer
 
 from flatmin._checks import check_real
 from flatmin.optim._buckets import Bucket, global_dot, global_norm
-from flatmin.optim.sam import SAM, check_rho
+from flatmin.optim._settings import check_rho
+from flatmin.optim.sam import SAM
 
 _SCHEDULE_KEYS = ("rho_max", "rho_min", "lr_max", "lr_min")
 
@@ -128,6 +129,8 @@ class GSAM(SAM):
         group.setdefault("lr", self.defaults["lr"])
         self._fill_schedule(group)
         super().add_param_group(group)  # checks the group, schedule included
+
+    uses_clean_gradient = True  # the projection on g
 
     # -- hooks of the SAM engine ------------------------------------------------------
 

@@ -28,10 +28,11 @@ applies the base optimizer and leaves the weights unperturbed), so
             loss_fn(model(x), y).backward()
         opt.second_step(zero_grad=True)
 
-The step counter, ``g_v`` and ``‖g_v‖`` are LookSAM's own state and live in
-``state_dict()["method"]``, so a resumed run reuses exactly the direction the
-interrupted one would have. A ``g_v`` from a step with a non-finite gradient (e.g. a
-GradScaler overflow) is not kept: the previous one stays.
+The step counter, ``g_v`` and ``‖g_v‖`` are LookSAM's own state: ``state_dict()`` keeps
+``g_v`` of parameter ``i`` in ``["state"][i]["g_v"]`` and ``steps_done`` and ``g_v_norm``
+in every param group, so a resumed run reuses exactly the direction the interrupted one
+would have. A ``g_v`` from a step with a non-finite gradient (e.g. a GradScaler overflow)
+is not kept: the previous one stays.
 
 With ``stable=True`` (StableSAM, Tan et al., 2024) every step's update direction ``d``
 — ``g_s`` on full steps, ``g + α(‖g‖/‖g_v‖)g_v`` on reuse steps — is renormalised to the
@@ -46,15 +47,11 @@ holds the same state and rank 0's checkpoint resumes all of them. A reuse step's
 direction ``g_r + α(‖g_r‖/‖g_v‖)g_v`` is then averaged like any final direction.
 
 Defaults: ``k = 5`` and ``alpha = 0.7`` are the paper's; ρ has no CIFAR default in the
-paper, so SAM's 0.05 is used. They were tuned for large models, where ``g_v`` is stable;
-on small ones check the premise first. Training the 5k-parameter MNIST-1D CNN under SAM,
-``‖g_v‖/‖g‖ ≈ 0.18`` and consecutive ``g_v`` had cosine ≈ 0.23
-(``benchmarks/looksam_direction.py``), so the reuse steps push a mostly stale direction at
-``0.7‖g‖`` (four times SAM's own share); with α = 0.7 that run failed to train on 2 of 5
-seeds, and an MLP on the whole clean Fashion-MNIST diverged to NaN on 1 of 5
-(``benchmarks/RESULTS.md``, full accuracy preset). Under bf16 autocast a small model's ε is mostly below the weights' bf16 resolution,
-so ``g_s ≈ g`` and ``g_v`` is small and noisy (cosine of ``g`` and ``g_s`` 0.99999 vs 0.987
-in float32 on a 6-16-16-4 network).
+paper, so SAM's 0.05 is used. They were tuned for large models, where ``g_v`` changes
+slowly; on small models check that premise first (``benchmarks/looksam_direction.py``
+measures how stable ``g_v`` is; ``benchmarks/RESULTS.md`` has what it found and how
+α = 0.7 trained there). Under bf16 autocast a small model's ε is mostly below the
+weights' bf16 resolution, so ``g_s ≈ g`` and ``g_v`` is little more than rounding noise.
 """
 
 from __future__ import annotations
@@ -67,7 +64,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatmin._checks import check_int, check_real
-from flatmin.optim._buckets import Bucket, global_dot, global_norm, make_buckets
+from flatmin.optim._buckets import Bucket, global_dot, global_norm, make_buckets, weighted
 from flatmin.optim.sam import SAM
 
 
@@ -81,7 +78,16 @@ class LookSAM(SAM):
         k: a full SAM step every ``k`` steps (``k = 1`` is SAM, apart from ``g_v``).
         alpha: weight α ≥ 0 of the reused direction on the other steps.
         **kwargs: SAM options and the base optimizer's keyword arguments.
+
+    Example::
+
+        opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=5, alpha=0.7, lr=0.1)
+        loss = opt.step(closure, model=model)  # the closure runs twice every k-th step
     """
+
+    uses_clean_gradient = True  # reuse steps update with g
+    _state_keys = ("g_v",)
+    _group_keys = ("steps_done", "g_v_norm")
 
     def __init__(
         self,
@@ -124,7 +130,7 @@ class LookSAM(SAM):
             grad_norm = global_norm([b.grads for b in buckets], device)
             clean_norm = grad_norm
             if self.stable and any(b.scaled for b in buckets):
-                clean_norm = global_norm([self._weighted(b, b.grads) for b in buckets], device)
+                clean_norm = global_norm([weighted(b, b.grads) for b in buckets], device)
             scale = torch.where(self._g_v_norm > 0, self.alpha * grad_norm / self._g_v_norm, 0.0)
             for b in buckets:
                 pairs = [(g, self._g_v[p]) for p, g in zip(b.params, b.grads) if p in self._g_v]
@@ -147,7 +153,8 @@ class LookSAM(SAM):
         """One LookSAM step: the closure runs twice on full steps, once on reuse steps."""
         if closure is None or not self.is_reuse_step:
             return super().step(closure, model=model)
-        loss = torch.enable_grad()(closure)()
+        with torch.enable_grad():
+            loss = self.run_first_pass(closure)
         self.first_step()
         return loss
 
@@ -179,7 +186,7 @@ class LookSAM(SAM):
         keep = torch.isfinite(norm)
         # The kept g_v ← new where finite, else unchanged (zeros if there was none), in
         # place: a rejected g_v is zeroed first so that lerp's weight 0 cannot mix in NaN.
-        for b, g_v, flat in zip(buckets, clean, self._reusable_flat_buffers("g")):
+        for b, g_v, flat in zip(buckets, clean, self._buffers.flat("g")):
             flat.masked_fill_(~keep.to(b.device), 0.0)
             kept = [self._g_v_slot(p, new) for p, new in zip(b.params, g_v)]
             torch._foreach_lerp_(kept, g_v, keep.to(b.device, g_v[0].dtype))
@@ -196,36 +203,17 @@ class LookSAM(SAM):
 
     # -- checkpointing ------------------------------------------------------------------
 
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+    def _state_extras(self) -> dict[Tensor, dict[str, Tensor]]:
+        return {p: {"g_v": g_v} for p, g_v in self._g_v.items()}
 
-    def _method_state(self) -> dict[str, Any]:
-        """Step counter, ``g_v`` per parameter (in param-group order, None where absent)
-        and ``‖g_v‖``."""
-        return {
-            "steps_done": self.steps_done,
-            "g_v": [self._g_v.get(p) for p in self._params()],
-            "g_v_norm": self._g_v_norm,
-        }
+    def _group_extras(self) -> dict[str, Any]:
+        return {"steps_done": self.steps_done, "g_v_norm": self._g_v_norm}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        method = state_dict.get("method", {}) if isinstance(state_dict, dict) else {}
-        self._check_method_state(method)  # before anything is loaded
-        super().load_state_dict(state_dict)
-
-    def _check_method_state(self, state: dict[str, Any]) -> None:
-        saved, count = state.get("g_v"), len(self._params())
-        if saved is not None and len(saved) != count:
-            raise ValueError(
-                f"LookSAM state holds g_v for {len(saved)} parameters, this optimizer has "
-                f"{count}: load a state dict of the same model and param groups"
-            )
-
-    def _load_method_state(self, state: dict[str, Any]) -> None:
-        params = self._params()
-        saved = state.get("g_v") or [None] * len(params)
-        self.steps_done = int(state.get("steps_done", 0))
+    def _load_method_state(
+        self, per_param: dict[Tensor, dict[str, Tensor]], values: dict[str, Any]
+    ) -> None:
+        self.steps_done = int(values["steps_done"])
         # Copies: the kept g_v is updated in place, the caller's state dict must not be.
-        self._g_v = {p: t.to(p.device, copy=True) for p, t in zip(params, saved) if t is not None}
-        norm = state.get("g_v_norm")
+        self._g_v = {p: extras["g_v"].clone() for p, extras in per_param.items()}
+        norm = values["g_v_norm"]
         self._g_v_norm = None if norm is None else norm.to(self._reference_device())

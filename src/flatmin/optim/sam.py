@@ -1,5 +1,8 @@
 r"""SAM, ASAM, USAM and StableSAM: the two-pass engine of the SAM family.
 
+(:class:`~flatmin.optim.presets.ASAM` and :class:`~flatmin.optim.presets.StableSAM` are
+this class with their papers' options and defaults.)
+
 Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv:2010.01412) solves
 ``min_w max_{‖ε‖₂≤ρ} L(w+ε)`` with one ascent step per update:
 
@@ -31,11 +34,10 @@ that its norm is the clean gradient's,
     d ← γ\,d, \qquad γ = \frac{\lVert T g\rVert_2}{\lVert T d\rVert_2},
 
 capped at 1 with ``stable_cap=True``, ``T`` the adaptive scaling (1 without it). Both
-norms use the scaling ``T`` of the weights ``w`` that the update is applied to. (The authors' code takes
-``‖T g_s‖`` with ``T`` of ``w + ε``, before restoring; that mixes two metrics: with a
-constant gradient, ``g_s = g``, it still rescales the update by ``‖T(w) g‖/‖T(w+ε) g‖``,
-whereas here ``γ = 1``.) The authors use it on top of USAM (``normalize=False``) as well
-as SAM and ASAM.
+norms use the ``T`` of the weights ``w`` that the update is applied to. The authors'
+code takes ``‖T g_s‖`` with the ``T`` of ``w + ε``, mixing two metrics: with a constant
+gradient (``g_s = g``) it still rescales the update by ``‖T(w) g‖/‖T(w+ε) g‖``, where
+here ``γ = 1``. They use it on top of USAM (``normalize=False``), SAM and ASAM.
 
 Two ways to drive a step::
 
@@ -48,46 +50,49 @@ Two ways to drive a step::
     opt.second_step(zero_grad=True)            # w ← saved copy, then the base step
 
 Mixed precision: under ``torch.autocast`` nothing changes. With a
-``torch.amp.GradScaler`` scale both losses and hand the scaler to ``second_step``; it
-unscales once, skips the step when either pass produced a non-finite gradient, and
-restores the weights, so weights and optimizer state are left untouched::
+``torch.amp.GradScaler``, scale both losses and pass the scaler to ``first_step`` and
+``second_step``: it unscales once, and a non-finite gradient in either pass skips the
+step with weights and optimizer state untouched. Gradient accumulation: ``backward`` on
+every micro-batch before each of the two steps; ε comes from the accumulated gradient.
+``max_grad_norm`` clips the final direction, after unscaling, before the base step.
 
-    scaler.scale(loss_fn(model(x), y)).backward()
-    opt.first_step(zero_grad=True, grad_scaler=scaler)
-    scaler.scale(loss_fn(model(x), y)).backward()
-    opt.second_step(zero_grad=True, grad_scaler=scaler)
-    scaler.update()
-
-Gradient accumulation: call ``backward`` on every micro-batch (losses divided by their
-number) before ``first_step``, and again on every micro-batch before ``second_step``;
-the perturbation is computed once from the accumulated gradient.
-``max_grad_norm`` clips the final (surrogate) gradient, after unscaling, before the base
-optimizer sees it.
+``state_dict()`` has torch's layout (:mod:`flatmin.optim._state_dict`); resuming from it
+is bit-exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from flatmin._checks import check_choice, check_real
-from flatmin.optim._buckets import Bucket, global_norm, make_buckets
+from flatmin._checks import check_real
+from flatmin.optim._buckets import (
+    Bucket,
+    adaptive_scale,
+    clip_gradients_,
+    global_norm,
+    make_buckets,
+    mark_nonfinite_,
+    scale_gradients_,
+    weighted,
+)
+from flatmin.optim._buffers import ReusableBuffers
+from flatmin.optim._settings import DEFAULT_ETA, check_group_settings
+from flatmin.optim._state_dict import MethodStateDict
 from flatmin.optim.bn import running_stats_frozen
 
-ADAPTIVE_FORMS = (None, "weights", "all")
-DEFAULT_ETA = {"weights": 0.01, "all": 0.0}
 
-
-class SAM(Optimizer):
+class SAM(MethodStateDict, Optimizer):
     """Sharpness-Aware Minimization wrapping any ``torch.optim.Optimizer`` class.
 
     Args:
         params: parameters or param groups (named parameters are accepted and let the
-            official ASAM rule tell weights from biases by name).
+            official ASAM rule tell weights from other parameters by name).
         base_optimizer: the optimizer *class* to wrap, e.g. ``torch.optim.SGD``.
         rho: neighbourhood radius ρ ≥ 0 (per group allowed).
         adaptive: ``None`` (SAM), ``"weights"`` (official ASAM) or ``"all"`` (the
@@ -98,11 +103,25 @@ class SAM(Optimizer):
             form's default, 0.01 for ``"weights"`` and 0 for ``"all"``. Refused without
             an adaptive form, where it would have no effect.
         stable_cap: cap StableSAM's factor at 1 (needs ``stable=True``).
-        max_grad_norm: clip the final gradient's global L2 norm to this value.
+        max_grad_norm: clip the final direction's global L2 norm to this value.
         skip_nonfinite: without a GradScaler, skip the step when the first-pass gradient
             is not finite (costs one host synchronisation per step). With a GradScaler
             the skip is always on and free.
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, …).
+
+    Example::
+
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        loss = opt.step(lambda: (l := loss_fn(model(x), y)).backward() or l, model=model)
+
+    Traits (what code driving any member of the family relies on):
+        uses_clean_gradient: True when the update uses the first-pass gradient ``g``
+            besides ``g_s`` — here when ``stable`` (StableSAM's ``‖T g‖``); always for
+            GSAM and LookSAM. Under per-process ε,
+            :func:`flatmin.distributed.sam.sam_step` then averages each process's final
+            direction instead of the surrogate gradient.
+        per_sample_closure: False: ``step``'s closure runs forward and backward and
+            returns the loss. True for ESAM, whose closure returns per-sample losses.
 
     Attributes:
         replica_mean: ``None``, or a collective that replaces a list of tensors in place
@@ -113,6 +132,8 @@ class SAM(Optimizer):
             direction. :func:`flatmin.distributed.sam.sam_step` sets it for the duration
             of a step with per-process ε; leave it ``None`` otherwise.
     """
+
+    per_sample_closure = False
 
     def __init__(
         self,
@@ -134,7 +155,7 @@ class SAM(Optimizer):
                 "base_optimizer must be an optimizer class such as torch.optim.SGD (its "
                 f"keyword arguments go to SAM), got {base_optimizer!r}"
             )
-        _check_settings(dict(rho=rho, adaptive=adaptive, eta=eta))
+        check_group_settings(dict(rho=rho, adaptive=adaptive, eta=eta))
         if max_grad_norm is not None:
             check_real("max_grad_norm", max_grad_norm, minimum=0.0, exclusive_minimum=True)
         if stable_cap and not stable:
@@ -154,29 +175,29 @@ class SAM(Optimizer):
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
         self.replica_mean: Callable[[list[Tensor]], None] | None = None
+        self._buffers = ReusableBuffers()
         super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        self._link_base()
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         if eta is not None and not any(g["adaptive"] for g in self.param_groups):
             raise ValueError(
                 f"eta={eta!r} is ASAM's η in T_w = |w| + η and has no effect without an "
                 "adaptive form: pass adaptive='weights' or 'all', or leave eta out"
             )
+        self._register_state_dict_hooks()
         self._clear_transient()
 
-    # -- plumbing shared with the base optimizer -----------------------------------
+    @property
+    def uses_clean_gradient(self) -> bool:
+        """True when the update uses the first-pass gradient (StableSAM's ``‖T g‖``)."""
+        return self.stable
 
-    def _link_base(self) -> None:
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-
-    def _clear_transient(self) -> None:
-        self._buckets: list[Bucket] | None = None
-        self._backup: list[list[Tensor]] | None = None
-        self._grad_norm: Tensor | None = None
-        self._first_finite: Tensor | None = None
-        self._base_step_pending = False
+    @property
+    def is_perturbed(self) -> bool:
+        """True between ``first_step`` and ``second_step`` (weights are at ``w + ε``)."""
+        return self._backup is not None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group as torch does; its ρ, adaptive form and η are checked first."""
@@ -192,12 +213,18 @@ class SAM(Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise a clear error for a param group whose SAM settings are unusable."""
-        _check_settings(group)
+        check_group_settings(group)
 
-    @property
-    def is_perturbed(self) -> bool:
-        """True between ``first_step`` and ``second_step`` (weights are at ``w + ε``)."""
-        return self._backup is not None
+    def _clear_transient(self) -> None:
+        self._buckets: list[Bucket] | None = None
+        self._backup: list[list[Tensor]] | None = None
+        self._grad_norm: Tensor | None = None
+        self._first_finite: Tensor | None = None
+        self._base_step_pending = False
+
+    def _params(self) -> list[Tensor]:
+        """Every parameter, in param-group order (the state dict's numbering)."""
+        return [p for group in self.param_groups for p in group["params"]]
 
     def _reference_device(self) -> torch.device:
         return self.param_groups[0]["params"][0].device
@@ -219,8 +246,8 @@ class SAM(Optimizer):
                 "first_step() found no gradients: call loss.backward() before first_step()"
             )
         device = self._reference_device()
-        weighted = [self._weighted(b, b.grads) for b in buckets]
-        grad_norm = global_norm(weighted, device)
+        weighted_grads = [weighted(b, b.grads) for b in buckets]
+        grad_norm = global_norm(weighted_grads, device)
         finite = torch.isfinite(grad_norm)
         self._after_first_gradient(buckets, grad_norm)
         if self.normalize:
@@ -228,8 +255,8 @@ class SAM(Optimizer):
         else:
             factor = torch.where(finite, 1.0, 0.0).to(grad_norm.dtype)
             factor = factor / _scale_of(grad_scaler, device)
-        self._backup = self._reusable_buffers("w", buckets)
-        for b, saved, wg in zip(buckets, self._backup, weighted):
+        self._backup = self._buffers.get("w", buckets)
+        for b, saved, wg in zip(buckets, self._backup, weighted_grads):
             torch._foreach_copy_(saved, b.params)
             scale = (factor * b.group["rho"]).to(b.device, b.params[0].dtype)
             self._perturb(b, wg, scale)
@@ -240,7 +267,7 @@ class SAM(Optimizer):
             self.zero_grad()
 
     def second_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
-        """Restore ``w`` exactly and apply the base optimizer with the surrogate gradient."""
+        """Restore ``w`` exactly and apply the base optimizer with the update direction."""
         if not self.is_perturbed:
             raise RuntimeError("second_step() needs a first_step() before it")
         with torch.no_grad():
@@ -266,11 +293,9 @@ class SAM(Optimizer):
             with torch.no_grad():
                 self._renormalize(buckets, clean_norm)
         if grad_scaler is not None:
-            self._mark_nonfinite(buckets, finite)  # before averaging: a NaN reaches every replica
+            mark_nonfinite_(buckets, finite)  # before averaging: a NaN reaches every replica
         if self.replica_mean is not None:
-            self.replica_mean(
-                [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            )
+            self.replica_mean([p.grad for p in self._params() if p.grad is not None])
         if grad_scaler is not None:
             grad_scaler.unscale_(self)
             self._clip()
@@ -304,13 +329,14 @@ class SAM(Optimizer):
         self.zero_grad()
 
     def step(
-        self, closure: Callable[[], Tensor] | None = None, *, model: nn.Module | None = None
+        self, closure: Callable[..., Tensor] | None = None, *, model: nn.Module | None = None
     ) -> Tensor | None:
-        """One full SAM step. ``closure`` runs forward and backward and returns the loss.
+        """One full step. ``closure`` runs forward and backward and returns the loss.
 
-        It is called twice: at ``w`` and at ``w + ε``. Pass ``model`` to keep its
-        BatchNorm statistics to the first pass. Returns the first-pass loss. If the
-        second call raises, the weights are restored before the exception propagates.
+        It is called at ``w`` (:meth:`run_first_pass`) and at ``w + ε``
+        (:meth:`run_second_pass`). Pass ``model`` to keep its BatchNorm statistics to the
+        first pass. Returns the first-pass loss. If the second pass raises, the weights
+        are restored before the exception propagates.
         """
         if closure is None:
             if self._base_step_pending:
@@ -321,20 +347,32 @@ class SAM(Optimizer):
                 "(loss := loss_fn(model(x), y)).backward() or loss); or call "
                 "first_step() and second_step() yourself"
             )
-        closure = torch.enable_grad()(closure)
-        loss = closure()
+        with torch.enable_grad():
+            loss = self.run_first_pass(closure)
         self.first_step(zero_grad=True)
         try:
-            if model is None:
-                closure()
-            else:
-                with running_stats_frozen(model):
-                    closure()
+            with torch.enable_grad(), _frozen_or_not(model):
+                self.run_second_pass(closure)
         except BaseException:
             self.abandon_step()
             raise
         self.second_step()
         return loss
+
+    def run_first_pass(
+        self, closure: Callable[..., Tensor], *, skip_unused_gradients: bool = True
+    ) -> Tensor:
+        """The first pass of :meth:`step` at ``w``: ``closure()``, which leaves ``g`` in
+        ``.grad``; returns the loss to report. ``skip_unused_gradients=False`` when the
+        backward must produce every gradient (a synchronizing DDP backward); only ESAM
+        skips any."""
+        del skip_unused_gradients
+        return closure()
+
+    def run_second_pass(self, closure: Callable[..., Tensor]) -> None:
+        """The second pass of :meth:`step` at ``w + ε``: ``closure()`` leaves ``g_s`` in
+        ``.grad``. Call it with BatchNorm statistics frozen, after :meth:`first_step`."""
+        closure()
 
     # -- pieces that the rest of the family overrides -------------------------------
 
@@ -350,195 +388,46 @@ class SAM(Optimizer):
         One fused in-place ``addcmul`` per tensor: no ε is ever materialised.
         """
         if bucket.scaled:
-            factors = self._adaptive_scale(bucket, bucket.params)
+            factors = adaptive_scale(bucket)
             torch._foreach_mul_(factors, scale)
         else:
             factors = [scale] * len(weighted)
         torch._foreach_addcmul_(bucket.params, weighted, factors)
 
-    def _reusable_buffers(self, slot: str, buckets: list[Bucket]) -> list[list[Tensor]]:
-        """Buffers shaped like the buckets' parameters for ``slot`` (the copy of ``w``,
-        the clean gradient), allocated once and reused while the set of parameters
-        with gradients stays the same; never checkpointed. A fresh allocation of this
-        size every step costs page faults: on a CPU, cloning ResNet-18's gradient took
-        ~12 ms, copying it into a reused buffer ~2 ms. Each bucket's buffers are views of
-        one flat tensor (:meth:`_reusable_flat_buffers`), for whole-bucket operations."""
-        key = [tuple(id(p) for p in b.params) for b in buckets]
-        cache = self.__dict__.setdefault("_buffer_cache", {})
-        if slot not in cache or cache[slot][0] != key:
-            flats, views = [], []
-            for b in buckets:
-                sizes = [p.numel() for p in b.params]
-                flat = torch.empty(sum(sizes), dtype=b.params[0].dtype, device=b.device)
-                flats.append(flat)
-                views.append([v.view(p.shape) for v, p in zip(flat.split(sizes), b.params)])
-            cache[slot] = (key, views, flats)
-        return cache[slot][1]
-
-    def _reusable_flat_buffers(self, slot: str) -> list[Tensor]:
-        """The flat tensors behind the last :meth:`_reusable_buffers` of ``slot``, one per
-        bucket."""
-        return self._buffer_cache[slot][2]
-
-    def _clean_gradient_copy(self, buckets: list[Bucket]) -> list[list[Tensor]]:
-        """The clean gradient ``g`` now in ``.grad``, copied into the reusable ``"g"``
-        buffers (GSAM and LookSAM keep it past the second pass)."""
-        copies = self._reusable_buffers("g", buckets)
-        for copy, b in zip(copies, buckets):
-            torch._foreach_copy_(copy, b.grads)
-        return copies
-
     def _update_direction(self, buckets: list[Bucket]) -> None:
         """Hook: turn the surrogate gradient ``g_s`` in ``.grad`` into the method's update
         direction ``d``, in place (SAM: ``d = g_s``; GSAM projects, LookSAM keeps ``g_v``)."""
+
+    def _clean_gradient_copy(self, buckets: list[Bucket]) -> list[list[Tensor]]:
+        """The clean gradient ``g`` now in ``.grad``, copied into reusable buffers (GSAM
+        and LookSAM keep it past the second pass)."""
+        copies = self._buffers.get("g", buckets)
+        for copy, b in zip(copies, buckets):
+            torch._foreach_copy_(copy, b.grads)
+        return copies
 
     def _renormalize(self, buckets: list[Bucket], clean_norm: Tensor) -> None:
         """StableSAM: ``d ← γ·d`` with ``γ = ‖T g‖/‖T d‖`` (capped at 1 with
         ``stable_cap``); both norms over ``buckets``, ``γ`` applied to every gradient the
         base step will see. ``γ = 1`` when ``d = 0``."""
         direction_norm = global_norm(
-            [self._weighted(b, b.grads) for b in buckets], self._reference_device()
+            [weighted(b, b.grads) for b in buckets], self._reference_device()
         )
         gamma = torch.where(direction_norm > 0, clean_norm / direction_norm, 1.0)
         if self.stable_cap:
             gamma = torch.clamp(gamma, max=1.0)
-        for b in make_buckets(self.param_groups, adaptive_rule=False):
-            torch._foreach_mul_(b.grads, gamma.to(b.device, b.grads[0].dtype))
-
-    # -- helpers -----------------------------------------------------------------------
-
-    def _adaptive_scale(self, bucket: Bucket, params: list[Tensor]) -> list[Tensor]:
-        """ASAM's ``T_w = |w| + η`` for a bucket of weights (η from its group)."""
-        scale = torch._foreach_abs(params)
-        eta = bucket.group["eta"]
-        if eta:
-            torch._foreach_add_(scale, eta)
-        return scale
-
-    def _weighted(self, bucket: Bucket, tensors: list[Tensor]) -> list[Tensor]:
-        """``T ⊙ t`` for ASAM weights, ``t`` itself otherwise."""
-        if not bucket.scaled:
-            return tensors
-        return torch._foreach_mul(tensors, self._adaptive_scale(bucket, bucket.params))
+        scale_gradients_(self.param_groups, gamma)
 
     def _clip(self) -> None:
         """Clip every gradient the base step will apply (ESAM's unperturbed tensors too)."""
-        if self.max_grad_norm is None:
-            return
-        with torch.no_grad():
-            buckets = make_buckets(self.param_groups, adaptive_rule=False)
-            norm = global_norm([b.grads for b in buckets], self._reference_device())
-            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-            for b in buckets:
-                torch._foreach_mul_(b.grads, coef.to(b.device, b.grads[0].dtype))
-
-    @staticmethod
-    def _mark_nonfinite(buckets: list[Bucket], finite: Tensor) -> None:
-        """Make a GradScaler see a non-finite first pass: one NaN per device."""
-        seen: set[torch.device] = set()
-        for b in buckets:
-            if b.device not in seen:
-                seen.add(b.device)
-                poison = torch.where(finite, 1.0, float("nan")).to(b.device, b.grads[0].dtype)
-                b.grads[0].mul_(poison)
-
-    # -- checkpointing ------------------------------------------------------------------
-
-    def _method_state(self) -> dict[str, Any]:
-        """The method's own persistent state (none for SAM; LookSAM keeps its counter)."""
-        return {}
-
-    def _load_method_state(self, state: dict[str, Any]) -> None:
-        del state
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"base_optimizer": …, "method": …}``: the base optimizer's full state
-        (momentum, Adam moments, param groups with ρ) and the method's own state. The
-        transient copy of ``w`` is never saved; call it between two steps."""
-        if self.is_perturbed:
-            raise RuntimeError(
-                "state_dict() between first_step() and second_step() would pair perturbed "
-                "weights with the optimizer state; call it after second_step()"
-            )
-        return {"base_optimizer": self.base_optimizer.state_dict(), "method": self._method_state()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or "base_optimizer" not in state_dict:
-            raise ValueError(
-                f"expected a state dict produced by {type(self).__name__}.state_dict(), "
-                "with keys 'base_optimizer' and 'method'"
-            )
-        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
-        self._link_base()
-        self._load_method_state(state_dict.get("method", {}))
-        self._clear_transient()
+        if self.max_grad_norm is not None:
+            with torch.no_grad():
+                clip_gradients_(self.param_groups, self.max_grad_norm, self._reference_device())
 
 
-class ASAM(SAM):
-    """Adaptive SAM (Kwon et al., ICML 2021), official form: ``T_w = |w| + η`` on weights.
-
-    Defaults ρ = 0.5 and η = 0.01 follow the paper's CIFAR-10 setting (use ρ = 1.0 on
-    CIFAR-100). ``adaptive="all"`` gives the popular port's form (η = 0, ρ ≈ 2)::
-
-        opt = ASAM(model.named_parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        base_optimizer: type[Optimizer],
-        rho: float = 0.5,
-        adaptive: str = "weights",
-        stable: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        if adaptive is None:
-            raise ValueError(
-                "ASAM needs an adaptive form, 'weights' (official) or 'all'; use SAM for "
-                "the non-adaptive one"
-            )
-        super().__init__(params, base_optimizer, rho, adaptive, stable, **kwargs)
-
-
-class StableSAM(SAM):
-    """StableSAM (Tan et al., 2024): SAM with the surrogate gradient renormalised to ‖g‖.
-
-    Default ρ = 0.05 as for SAM; ``normalize=False`` gives the USAM-based form that the
-    authors' code marks as the paper's, ``stable_cap=True`` the optional cap at 1.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        base_optimizer: type[Optimizer],
-        rho: float = 0.05,
-        adaptive: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(params, base_optimizer, rho, adaptive, stable=True, **kwargs)
-
-
-def check_adaptive(adaptive: Any) -> None:
-    """Raise unless ``adaptive`` is one of :data:`ADAPTIVE_FORMS` (bools are refused)."""
-    if isinstance(adaptive, bool):
-        raise ValueError(
-            f"adaptive={adaptive!r} is not a form: use adaptive='weights' (official ASAM, "
-            "|w| + η on weight tensors), adaptive='all' (every parameter) or None (SAM)"
-        )
-    check_choice("adaptive", adaptive, ADAPTIVE_FORMS)
-
-
-def check_rho(rho: Any, name: str = "rho") -> float:
-    """``rho`` as a float if it is a finite number ≥ 0."""
-    return check_real(name, rho, minimum=0.0, hint="e.g. 0.05")
-
-
-def _check_settings(group: dict[str, Any]) -> None:
-    """The SAM settings of a param group (or of the constructor's defaults)."""
-    check_rho(group["rho"])
-    check_adaptive(group["adaptive"])
-    if group["eta"] is not None:
-        check_real("eta", group["eta"], minimum=0.0, hint="ASAM's η in T_w = |w| + η")
+def _frozen_or_not(model: nn.Module | None) -> Any:
+    """BatchNorm statistics frozen for the second pass when a model is given."""
+    return running_stats_frozen(model) if model is not None else nullcontext()
 
 
 def _scale_of(grad_scaler: Any, device: torch.device) -> Tensor:
