@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
-from flatmin import GSAM, MESA, SAF, SAM, LookSAM, StableSAM
+from flatmin import ESAM, GSAM, MESA, SAF, SAM, LookSAM, StableSAM
 from flatmin.distributed import first_pass, reduce_metrics, sam_step
 from flatmin.distributed.checkpoint import load_on_every_rank, save_on_rank0
 from flatmin.distributed.collectives import max_replica_difference
@@ -195,14 +195,55 @@ def family_local_run(rank: int, world_size: int, out_dir: str) -> None:
         results[name if wrapped else f"{name}_plain"] = {
             "first_grads": first_grads,
             "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "method": opt.state_dict()["method"],
+            "optimizer": opt.state_dict(),
             "replica_difference": max_replica_difference([*model.parameters(), *model.buffers()]),
         }
     torch.save(results, Path(out_dir) / f"sam_family_local_{rank}.pt")
 
 
+ESAM_STEPS, ESAM_RHO, ESAM_BETA, ESAM_GAMMA, ESAM_SEED = 3, 0.5, 0.5, 0.5, 3
+
+
+def esam_local_run(rank: int, world_size: int, out_dir: str) -> None:
+    """ESAM (weight subsets and data selection) with per-process ε on DDP through
+    sam_step and its per-sample closure; records each step's subset, the perturbed
+    weights seen by the selection pass and the rows chosen for the second pass."""
+    model = make_model()
+    ddp = DDP(model)
+    opt = ESAM(ddp.parameters(), torch.optim.SGD, rho=ESAM_RHO, beta=ESAM_BETA,
+               gamma=ESAM_GAMMA, seed=ESAM_SEED, lr=0.1, momentum=0.9)  # fmt: skip
+    xs, ys = make_data(steps=ESAM_STEPS)
+    subsets, perturbed, chosen = [], [], []
+    for step in range(ESAM_STEPS):
+        x, y = shard(xs[step], rank, world_size), shard(ys[step], rank, world_size)
+        subsets.append(opt.perturbed_subset())
+        calls = []
+
+        def closure(rows=None, x=x, y=y, calls=calls):
+            calls.append(rows)
+            if len(calls) == 2:  # the selection pass, at w + ε
+                perturbed.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+            if rows is not None:
+                chosen.append(rows.clone())
+                x, y = x[rows], y[rows]
+            return F.cross_entropy(ddp(x), y, reduction="none")
+
+        sam_step(opt, ddp, closure)
+    torch.save(
+        {
+            "subsets": subsets,
+            "perturbed": perturbed,
+            "chosen": chosen,
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "replica_difference": max_replica_difference([*model.parameters(), *model.buffers()]),
+        },
+        Path(out_dir) / f"esam_local_{rank}.pt",
+    )
+
+
 def all_sam_runs(rank: int, world_size: int, out_dir: str) -> None:
     """Every SAM scenario in one group, so the test module spawns processes once."""
+    esam_local_run(rank, world_size, out_dir)
     nonfinite_run(rank, world_size, out_dir)
     family_global_run(rank, world_size, out_dir)
     family_local_run(rank, world_size, out_dir)

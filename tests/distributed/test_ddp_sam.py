@@ -6,14 +6,20 @@ compare what they recorded with gradients and steps computed here independently.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from flatmin import ESAM, GSAM, SAM, LookSAM, StableSAM
 from flatmin.distributed import first_pass, m_sharpness_step, sam_step
-from flatmin.distributed.sam import per_process_update
 from tests.distributed.ddp_workers import (
+    ESAM_BETA,
+    ESAM_GAMMA,
+    ESAM_RHO,
+    ESAM_STEPS,
     FAMILY_LOCAL_STEPS,
     GLOBAL_BATCH,
     LOOKSAM_K,
@@ -39,6 +45,7 @@ def runs(ddp_results):
         "nonfinite": load("sam_nonfinite"),
         "family_global": load("sam_family_global"),
         "family_local": load("sam_family_local"),
+        "esam_local": load("esam_local"),
     }
 
 
@@ -147,7 +154,7 @@ UNSAFE_PER_PROCESS = {
 
 
 class UnknownGSAM(GSAM):
-    """A subclass flatmin knows nothing about: it may keep per-process state."""
+    """A subclass flatmin knows nothing about: it inherits GSAM's traits."""
 
 
 @pytest.mark.parametrize("name", sorted(UNSAFE_PER_PROCESS))
@@ -156,44 +163,42 @@ def test_m_sharpness_refuses_updates_that_use_g_and_changes_nothing(name):
     opt = UNSAFE_PER_PROCESS[name](model.parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     xs, ys = make_data()
-    with pytest.raises(ValueError, match="perturbation='global'"):
+    with pytest.raises(ValueError, match=r"uses the first-pass gradient .*uses_clean_gradient"):
         m_sharpness_step(opt, model, F.cross_entropy, xs[0], ys[0], m=4)
     assert_states(model.state_dict(), before, exact=True)
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_sam_step_refuses_an_unknown_subclass_with_per_process_epsilon():
+class TwoPassWithoutTraits:
+    """The two-pass interface of an earlier flatmin, without the traits sam_step reads."""
+
+    is_perturbed = False
+
+    def first_step(self, zero_grad=False): ...
+
+    def second_step(self, zero_grad=False): ...
+
+    def restore_weights(self): ...
+
+    def abandon_step(self): ...
+
+
+def test_sam_step_refuses_an_optimizer_without_the_traits_and_changes_nothing():
     model = make_model()
-    opt = UnknownGSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     xs, ys = make_data()
-    with pytest.raises(ValueError, match="perturbation='global'"):
-        sam_step(opt, model, lambda: F.cross_entropy(model(xs[0]), ys[0]).backward())
+    with pytest.raises(TypeError, match=r"lacks run_first_pass, .*uses_clean_gradient"):
+        sam_step(TwoPassWithoutTraits(), model, lambda: F.cross_entropy(model(xs[0]), ys[0]))
     assert_states(model.state_dict(), before, exact=True)
     assert all(p.grad is None for p in model.parameters())
-    assert opt.replica_mean is None
-
-
-@pytest.mark.parametrize(
-    ("make", "form"),
-    [
-        (lambda ps: SAM(ps, torch.optim.SGD, lr=0.1), "gradient"),
-        (lambda ps: ESAM(ps, torch.optim.SGD, lr=0.1), "gradient"),
-        (lambda ps: SAM(ps, torch.optim.SGD, lr=0.1, stable=True), "direction"),
-        (lambda ps: StableSAM(ps, torch.optim.SGD, lr=0.1), "direction"),
-        (lambda ps: GSAM(ps, torch.optim.SGD, lr=0.1), "direction"),
-        (lambda ps: LookSAM(ps, torch.optim.SGD, lr=0.1), "direction"),
-    ],
-)
-def test_per_process_update_form(make, form):
-    assert per_process_update(make(make_model().parameters())) == form
 
 
 def test_esam_is_accepted_with_per_process_epsilon():
     model = make_model()
     opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     xs, ys = make_data()
-    sam_step(opt, model, lambda: F.cross_entropy(model(xs[0]), ys[0]).backward())
+    with pytest.warns(UserWarning, match="per-sample losses"):
+        sam_step(opt, model, lambda: F.cross_entropy(model(xs[0]), ys[0]).backward())
     assert opt.steps_done == 1
 
 
@@ -223,7 +228,7 @@ def test_sam_step_runs_looksam_reuse_steps_with_one_pass():
     assert len(passes) == 2 * (2 + 1 + 2 + 1 + 2)  # k = 2: steps 1 and 3 reuse, one pass each
 
 
-@pytest.mark.parametrize("optimizer", [SAM, StableSAM, GSAM, LookSAM])
+@pytest.mark.parametrize("optimizer", [SAM, StableSAM, GSAM, LookSAM, UnknownGSAM])
 def test_sam_step_on_one_process_is_sam_step_bit_for_bit(optimizer):
     xs, ys = make_data(steps=4)
     models = [make_model(), make_model()]
@@ -239,6 +244,30 @@ def test_sam_step_on_one_process_is_sam_step_bit_for_bit(optimizer):
         opts[0].step(lambda: closure(models[0]), model=models[0])
         sam_step(opts[1], models[1], lambda: closure(models[1]))
     assert_states(models[0].state_dict(), models[1].state_dict(), exact=True)
+
+
+def test_sam_step_runs_esam_s_per_sample_closure_as_esam_step_does():
+    xs, ys = make_data(steps=4)
+    models = [make_model(), make_model()]
+    opts = [
+        ESAM(m.parameters(), torch.optim.SGD, rho=0.5, beta=0.5, gamma=0.5, seed=1, lr=0.1)
+        for m in models
+    ]
+    calls = [[], []]
+    for step in range(4):
+
+        def closure(which, rows=None, step=step):
+            calls[which].append(rows)
+            x, y = (xs[step], ys[step]) if rows is None else (xs[step][rows], ys[step][rows])
+            return F.cross_entropy(models[which](x), y, reduction="none")
+
+        opts[0].zero_grad()
+        losses = [opts[0].step(lambda rows=None: closure(0, rows), model=models[0])]
+        losses.append(sam_step(opts[1], models[1], lambda rows=None: closure(1, rows)))
+        assert torch.equal(losses[0], losses[1])
+    assert_states(models[0].state_dict(), models[1].state_dict(), exact=True)
+    assert [r is None for r in calls[1]] == [True, True, False] * 4  # select, then the rows
+    assert all(len(r) == GLOBAL_BATCH // 2 for r in calls[1][2::3])
 
 
 def test_sam_step_restores_the_weights_when_the_second_pass_raises():
@@ -355,11 +384,78 @@ def test_per_process_directions_equal_one_process_averaging_shard_directions(run
         assert_states(run[name]["state"], expected, exact=False)
     if g_v is not None:
         for run in runs["family_local"]:
-            torch.testing.assert_close(flat(run[name]["method"]["g_v"]), g_v)
+            torch.testing.assert_close(flat(kept_g_v(run[name]["optimizer"])), g_v)
+
+
+def kept_g_v(state_dict):
+    return [state_dict["state"][i]["g_v"] for i in sorted(state_dict["state"])]
 
 
 def test_looksam_keeps_the_same_reused_direction_on_every_process(runs):
-    rank0, rank1 = (run["looksam"]["method"] for run in runs["family_local"])
-    assert rank0["steps_done"] == rank1["steps_done"] == FAMILY_LOCAL_STEPS
-    assert torch.equal(flat(rank0["g_v"]), flat(rank1["g_v"]))
-    assert torch.equal(rank0["g_v_norm"], rank1["g_v_norm"])
+    rank0, rank1 = (run["looksam"]["optimizer"] for run in runs["family_local"])
+    groups = [rank0["param_groups"][0], rank1["param_groups"][0]]
+    assert groups[0]["steps_done"] == groups[1]["steps_done"] == FAMILY_LOCAL_STEPS
+    assert torch.equal(flat(kept_g_v(rank0)), flat(kept_g_v(rank1)))
+    assert torch.equal(groups[0]["g_v_norm"], groups[1]["g_v_norm"])
+
+
+# -- ESAM with per-process ε: own gradient, own samples, averaged g_s ----------------------
+
+
+def esam_reference_run(subsets):
+    """One process: each step, every shard's ESAM step from the same w and statistics —
+    ε_r = ρ·g_S,r/(β‖g_S,r‖) on the step's tensors S, the ⌈γ·B_r⌉ rows whose loss rose
+    most, their mean loss's gradient at w + ε_r — with the mean over shards as the SGD
+    gradient and the running statistics averaged over the shards' first passes."""
+    model = make_model()
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    xs, ys = make_data(steps=ESAM_STEPS)
+    chosen = []
+    for step in range(ESAM_STEPS):
+        start = [b.clone() for b in model.buffers()]
+        mask = torch.cat(
+            [torch.full((p.numel(),), float(k)) for p, k in zip(params, subsets[step])]
+        )
+        w = parameters_to_vector(params).detach().clone()
+        surrogates, stats = [], []
+        for r in range(WORLD):
+            with torch.no_grad():
+                for b, s in zip(model.buffers(), start):
+                    b.copy_(s)
+            x, y = shard(xs[step], r, WORLD), shard(ys[step], r, WORLD)
+            before = F.cross_entropy(model(x), y, reduction="none")
+            stats.append([b.clone() for b in model.buffers()])
+            g = mask * parameters_to_vector(torch.autograd.grad(before.mean(), params))
+            eps = ESAM_RHO * g / (ESAM_BETA * g.norm()) if g.norm() > 0 else torch.zeros_like(g)
+            vector_to_parameters(w + eps, params)
+            with torch.no_grad():
+                after = F.cross_entropy(model(x), y, reduction="none")
+            rows = torch.topk(after - before.detach(), math.ceil(ESAM_GAMMA * len(y))).indices
+            chosen.append(set(rows.tolist()))
+            g_s = torch.autograd.grad(F.cross_entropy(model(x[rows]), y[rows]), params)
+            surrogates.append(parameters_to_vector(g_s))
+            vector_to_parameters(w, params)
+        with torch.no_grad():
+            for i, b in enumerate(model.buffers()):
+                b.copy_(torch.stack([s[i] for s in stats]).float().mean(dim=0).to(b.dtype))
+        mean = torch.stack(surrogates).mean(dim=0)
+        for p, d in zip(params, mean.split([p.numel() for p in params])):
+            p.grad = d.view_as(p).clone()
+        base.step()
+    return model.state_dict(), chosen
+
+
+def test_esam_under_ddp_perturbs_and_selects_per_process_and_averages_g_s(runs):
+    rank0, rank1 = runs["esam_local"]
+    assert rank0["subsets"] == rank1["subsets"]  # the draw depends on seed and step only
+    assert any(0 < sum(s) < len(s) for s in rank0["subsets"])
+    for step in range(ESAM_STEPS):  # each process perturbed with its own gradient
+        assert not torch.allclose(rank0["perturbed"][step], rank1["perturbed"][step])
+    expected, chosen = esam_reference_run(rank0["subsets"])
+    for rank, run in enumerate((rank0, rank1)):
+        rows = [set(r.tolist()) for r in run["chosen"]]
+        assert rows == chosen[rank::WORLD]  # this process's own ⌈γ·B_r⌉ samples
+        assert_states(run["state"], expected, exact=False)
+        assert run["replica_difference"] == 0.0
+    assert_states(rank0["state"], rank1["state"], exact=True)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatmin import SAM
+from flatmin import ESAM, SAM
 from flatmin.distributed import m_sharpness_step
 from tests.distributed.ddp_workers import GLOBAL_BATCH, STEPS, make_data, make_model
 
@@ -96,13 +96,21 @@ def test_m_equal_to_the_batch_is_plain_sam():
         torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("m", [3, 0, True, 2.0])
-def test_rejects_bad_m_and_changes_nothing(m):
+@pytest.mark.parametrize(
+    ("m", "error", "match"),
+    [
+        (3, ValueError, "a positive multiple of m=3"),
+        (0, ValueError, "m must be an integer >= 1"),
+        (True, TypeError, "m must be an integer >= 1"),
+        (2.0, TypeError, "m must be an integer >= 1"),
+    ],
+)
+def test_rejects_bad_m_and_changes_nothing(m, error, match):
     model = make_model()
     opt = SAM(model.parameters(), torch.optim.SGD, lr=LR)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     xs, ys = make_data()
-    with pytest.raises(ValueError, match="m"):
+    with pytest.raises(error, match=match):
         m_sharpness_step(opt, model, F.cross_entropy, xs[0], ys[0], m=m)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -116,6 +124,15 @@ def test_rejects_mismatched_targets_and_plain_optimizers():
     sgd = torch.optim.SGD(model.parameters(), lr=LR)
     with pytest.raises(TypeError, match="first_step"):
         m_sharpness_step(sgd, model, F.cross_entropy, xs[0], ys[0], m=4)
+
+
+def test_refuses_esam_s_data_selection_it_cannot_run():
+    model = make_model()
+    xs, ys = make_data()
+    opt = ESAM(model.parameters(), torch.optim.SGD, gamma=0.5, lr=LR)
+    with pytest.raises(ValueError, match="gamma=1"):
+        m_sharpness_step(opt, model, F.cross_entropy, xs[0], ys[0], m=4)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_a_failing_sub_batch_restores_weights_and_statistics():

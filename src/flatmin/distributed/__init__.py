@@ -35,29 +35,20 @@ from flatmin.distributed.launch import init_from_env, spawn
 from flatmin.distributed.m_sharpness import m_sharpness_step
 from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
-from flatmin.distributed.sam import (
-    first_pass,
-    first_pass_local,
-    per_process_update,
-    sam_step,
-    unwrap,
-)
+from flatmin.distributed.sam import first_pass, sam_step
 
 __all__ = [
     "DistributedMESA",
     "DistributedSAF",
     "average_gradients",
     "first_pass",
-    "first_pass_local",
     "init_from_env",
     "load_on_every_rank",
     "m_sharpness_step",
     "max_replica_difference",
-    "per_process_update",
     "reduce_metrics",
     "sam_step",
     "save_on_rank0",
     "spawn",
     "sync_norm_statistics",
-    "unwrap",
 ]

@@ -32,8 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatmin._checks import check_int
 from flatmin.distributed.collectives import norm_statistics
-from flatmin.distributed.sam import check_rank_independent_update, check_two_pass
+from flatmin.distributed.sam import check_two_pass
 from flatmin.optim.bn import running_stats_frozen
 
 
@@ -47,11 +48,21 @@ def _check(optimizer: Optimizer, inputs: Any, targets: Any, m: Any) -> int:
             f"expected inputs and targets with the same batch size, got {tuple(inputs.shape)} "
             f"and {tuple(targets.shape)}"
         )
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"expected m to be a positive int (the sub-batch size), got {m!r}")
+    check_int("m", m, minimum=1, hint="the sub-batch size")
     if batch == 0 or batch % m:
         raise ValueError(f"expected a batch size that is a positive multiple of m={m}, got {batch}")
-    check_rank_independent_update(optimizer)
+    if optimizer.uses_clean_gradient:
+        raise ValueError(
+            f"{type(optimizer).__name__} uses the first-pass gradient in its update "
+            "(uses_clean_gradient), which has no per-sub-batch form here: use SAM, ASAM, "
+            "USAM or ESAM without stable=True, or sam_step on several processes"
+        )
+    if optimizer.per_sample_closure and getattr(optimizer, "gamma", 1.0) < 1:
+        raise ValueError(
+            f"{type(optimizer).__name__} selects samples with per-sample losses, which "
+            "m_sharpness_step's loss_fn does not give: use gamma=1 (weight perturbation "
+            "only) or sam_step"
+        )
     return batch // m
 
 
@@ -66,9 +77,9 @@ def m_sharpness_step(
     """One SAM-family step with a separate ε for each sub-batch of ``m`` samples.
 
     Args:
-        optimizer: SAM, ASAM, USAM or ESAM (an update that uses the first-pass gradient,
-            as StableSAM's, GSAM's and LookSAM's do, has no per-sub-batch form here and
-            is refused; see :func:`~flatmin.distributed.sam.check_rank_independent_update`).
+        optimizer: SAM, ASAM, USAM or ESAM with ``gamma=1``. An optimizer whose
+            ``uses_clean_gradient`` is True (StableSAM, GSAM, LookSAM) has no
+            per-sub-batch form here and is refused, before anything changes.
         model: the model, in training mode.
         loss_fn: ``loss_fn(model(x), y)`` returns the mean loss of a sub-batch.
         inputs, targets: the batch, split along dimension 0 into ``B/m`` sub-batches.

@@ -41,14 +41,16 @@ the result equals one process running the m-sharpness step with the same sub-bat
 ``"broadcast"``: rank 0's, DDP's own rule; ``"none"``: DDP's behaviour unchanged). With
 ``"mean"`` DDP's broadcast becomes a no-op; pass ``broadcast_buffers=False`` to save it.
 
-**Which optimizers.** SAM, ASAM (both forms), USAM and ESAM update with the surrogate
-gradient itself, so DDP's average of ``g_s`` in the second backward is all they need.
-StableSAM, GSAM and LookSAM transform ``g_s`` with the first-pass gradient ``g``, which
-under per-process ε is each process's own ``g_r``; averaging ``g_s`` alone would pair
-it with a local ``g_r`` and let the replicas drift apart. For them :func:`sam_step`
-runs *both* passes without gradient synchronization, lets each process compute its
-own direction and averages only that final direction — before clipping and the base
-step — through the engine's :attr:`~flatmin.optim.sam.SAM.replica_mean` hook:
+**Which optimizers.** Every member of the SAM family declares what its update needs
+(:class:`flatmin.optim.SAM`'s traits). When ``optimizer.uses_clean_gradient`` is False
+(SAM, ASAM, USAM, ESAM) the update is the surrogate gradient itself, so DDP's average
+of ``g_s`` in the second backward is all it takes. When it is True (StableSAM, GSAM,
+LookSAM, any member with ``stable=True``) the update transforms ``g_s`` with the
+first-pass gradient, under per-process ε each process's own ``g_r``; averaging ``g_s``
+alone would pair it with a local ``g_r`` and let the replicas drift apart. So
+:func:`sam_step` runs *both* passes without gradient synchronization, lets each process
+compute its own direction and averages only that final direction — before clipping and
+the base step — through the engine's :attr:`~flatmin.optim.sam.SAM.replica_mean` hook:
 
 .. math::
 
@@ -59,14 +61,21 @@ step — through the engine's :attr:`~flatmin.optim.sam.SAM.replica_mean` hook:
 
 with ``g_⊥,r = g_r − (⟨g_r,g_s,r⟩/‖g_s,r‖²)·g_s,r`` (one gradient-sized all-reduce
 per step, as for SAM; DDP synchronizes no backward here, so it broadcasts buffers
-only at the very first forward, and ``statistics="none"`` leaves them per-rank). LookSAM's full steps update with ``g_s`` and keep
-the mean over processes of their ``g_v,r = g_s,r − (⟨g_r,g_s,r⟩/‖g_r‖²)·g_r``, so its
-persistent state stays identical on every process (rank 0's checkpoint resumes all);
-its reuse steps average ``g_r + α(‖g_r‖/‖g_v‖)·g_v`` (a full step costs a second
-all-reduce, for ``g_v``). :func:`per_process_update` says
-which form an optimizer takes. The explicit :func:`first_pass` loop above is the
-averaged-gradient form only; :func:`check_rank_independent_update` tells it apart.
+only at the very first forward, and ``statistics="none"`` leaves them per-rank).
+LookSAM's full steps update with ``g_s`` and keep the mean over processes of their
+``g_v,r = g_s,r − (⟨g_r,g_s,r⟩/‖g_r‖²)·g_r``, so its persistent state stays identical
+on every process (rank 0's checkpoint resumes all); its reuse steps average
+``g_r + α(‖g_r‖/‖g_v‖)·g_v`` (a full step costs a second all-reduce, for ``g_v``).
+The explicit :func:`first_pass` loop above is the averaged-gradient form only.
 ``perturbation="global"`` runs every optimizer with the averaged ``g`` instead.
+
+**ESAM** (``optimizer.per_sample_closure``): the closure takes optional row indices and
+returns per-sample losses without calling backward (:class:`flatmin.optim.ESAM`).
+:func:`sam_step` runs ESAM's own passes (:meth:`~flatmin.optim.sam.SAM.run_first_pass`,
+:meth:`~flatmin.optim.sam.SAM.run_second_pass`): the first backward without
+synchronization, so each process perturbs the same tensors (ESAM's draw depends on its
+seed and step count only) with its own gradient; each process selects its own
+``⌈γ·B_r⌉`` samples; DDP averages the second gradient.
 """
 
 from __future__ import annotations
@@ -81,6 +90,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from flatmin._checks import check_choice
 from flatmin.distributed.collectives import (
     STATISTICS_SYNCS,
     ProcessGroup,
@@ -97,12 +107,8 @@ PERTURBATIONS = ("local", "global")
 
 
 def _check_options(perturbation: str, statistics: str) -> None:
-    if perturbation not in PERTURBATIONS:
-        raise ValueError(
-            f"expected perturbation to be one of {PERTURBATIONS}, got {perturbation!r}"
-        )
-    if statistics not in STATISTICS_SYNCS:
-        raise ValueError(f"expected statistics to be one of {STATISTICS_SYNCS}, got {statistics!r}")
+    check_choice("perturbation", perturbation, PERTURBATIONS)
+    check_choice("statistics", statistics, STATISTICS_SYNCS)
 
 
 def _group_of(model: nn.Module, group: ProcessGroup) -> ProcessGroup:
@@ -137,81 +143,6 @@ def first_pass(
 
 
 @contextmanager
-def first_pass_local(
-    model: nn.Module, statistics: StatisticsSync = "mean", process_group: ProcessGroup = None
-) -> Iterator[nn.Module]:
-    """:func:`first_pass` with per-process ε (the SAM paper's m-sharpness)."""
-    with first_pass(model, "local", statistics, process_group):
-        yield model
-
-
-def _per_process_safe_types() -> tuple[type, ...]:
-    from flatmin.optim.esam import ESAM
-    from flatmin.optim.sam import ASAM, SAM
-
-    return (SAM, ASAM, ESAM)
-
-
-def check_rank_independent_update(optimizer: Optimizer) -> None:
-    """Raise a ValueError unless averaging ``g_s`` alone is right under per-process ε.
-
-    Safe: the update is the averaged surrogate gradient itself — SAM, ASAM (both forms),
-    USAM and ESAM without StableSAM's renormalization. Not safe: StableSAM
-    (``γ = ‖g‖/‖g_s‖``), GSAM (projection on ``g``) and LookSAM (reuse steps update with
-    ``g``), whose local first-pass gradient would make the processes' updates differ if
-    only ``g_s`` were averaged (:func:`sam_step` runs them by averaging their final
-    direction instead, see :func:`per_process_update`). A subclass can declare itself
-    safe with the class attribute ``rank_independent_update = True`` (or unsafe with
-    ``False``).
-    """
-    declared = getattr(type(optimizer), "rank_independent_update", None)
-    safe = (
-        declared
-        if declared is not None
-        else (
-            type(optimizer) in _per_process_safe_types() and not getattr(optimizer, "stable", False)
-        )
-    )
-    if not safe:
-        raise ValueError(
-            f"{type(optimizer).__name__} uses the first-pass gradient in its update (to "
-            "rescale, project or reuse it), and that gradient differs between processes "
-            "under per-process ε; use perturbation='global' (every process perturbs with "
-            "the averaged gradient)"
-        )
-
-
-PerProcessUpdate = Literal["gradient", "direction"]
-
-
-def _direction_averaged_types() -> tuple[type, ...]:
-    from flatmin.optim.esam import ESAM
-    from flatmin.optim.gsam import GSAM
-    from flatmin.optim.looksam import LookSAM
-    from flatmin.optim.sam import ASAM, SAM, StableSAM
-
-    return (SAM, ASAM, ESAM, StableSAM, GSAM, LookSAM)
-
-
-def per_process_update(optimizer: Optimizer) -> PerProcessUpdate:
-    """How ``optimizer`` runs under per-process ε in :func:`sam_step`.
-
-    ``"gradient"``: the update is the averaged surrogate gradient (SAM, ASAM, USAM,
-    ESAM; see :func:`check_rank_independent_update`); DDP's second backward averages it.
-    ``"direction"``: each process turns its own ``g_r`` and ``g_s,r`` into its own
-    direction, and the directions are averaged before the base step (StableSAM, GSAM,
-    LookSAM, and SAM/ASAM/ESAM with ``stable=True``). Anything else raises a ValueError.
-    """
-    try:
-        check_rank_independent_update(optimizer)
-        return "gradient"
-    except ValueError:
-        if type(optimizer) in _direction_averaged_types():
-            return "direction"
-        raise
-
-
-@contextmanager
 def _directions_averaged(optimizer: Optimizer, group: ProcessGroup) -> Iterator[None]:
     optimizer.replica_mean = lambda tensors: average_tensors(tensors, group)
     try:
@@ -235,24 +166,34 @@ def agree_on_nonfinite_gradients(parameters: Iterable[Tensor], group: ProcessGro
     grads[0].mul_(torch.where(flag > 0, 1.0, float("nan")).to(grads[0].dtype))
 
 
+_TWO_PASS_METHODS = (
+    "first_step",
+    "second_step",
+    "restore_weights",
+    "abandon_step",
+    "run_first_pass",
+    "run_second_pass",
+)
+_TWO_PASS_ATTRIBUTES = ("is_perturbed", "uses_clean_gradient", "per_sample_closure", "replica_mean")
+
+
 def check_two_pass(optimizer: Optimizer) -> None:
-    """Raise a TypeError unless ``optimizer`` has the SAM family's two-pass interface."""
-    missing = [
-        name
-        for name in ("first_step", "second_step", "restore_weights", "abandon_step")
-        if not callable(getattr(optimizer, name, None))
-    ]
-    if missing or not hasattr(optimizer, "is_perturbed"):
+    """Raise a TypeError unless ``optimizer`` has the SAM family's two-pass interface and
+    declares its traits (``uses_clean_gradient``, ``per_sample_closure``), as every
+    :class:`flatmin.optim.SAM` subclass does."""
+    missing = [name for name in _TWO_PASS_METHODS if not callable(getattr(optimizer, name, None))]
+    missing += [name for name in _TWO_PASS_ATTRIBUTES if not hasattr(optimizer, name)]
+    if missing:
         raise TypeError(
-            "expected a two-pass optimizer of the SAM family (first_step(), second_step(), "
-            f"restore_weights(), abandon_step(), is_perturbed), got {type(optimizer).__name__}"
+            "expected a two-pass optimizer of the SAM family (a flatmin.optim.SAM "
+            f"subclass); {type(optimizer).__name__} lacks {', '.join(missing)}"
         )
 
 
 def sam_step(
     optimizer: Optimizer,
     model: nn.Module,
-    closure: Callable[[], Tensor],
+    closure: Callable[..., Tensor],
     *,
     perturbation: Perturbation = "local",
     statistics: StatisticsSync = "mean",
@@ -260,24 +201,33 @@ def sam_step(
 ) -> Tensor:
     """One SAM-family step on ``model`` (DDP-wrapped or not) in a process group.
 
-    ``closure`` runs forward and backward on this process's shard and returns the loss;
-    it is called at ``w`` inside :func:`first_pass` and at ``w + ε`` with the running
-    statistics frozen (only once on a step that ``first_step`` completes by itself, as
-    LookSAM's reuse steps). Returns the first-pass loss of this process. If the second call
-    raises, the weights are restored before the exception propagates.
+    ``closure`` is the optimizer's own (see its ``per_sample_closure``): for most members
+    it runs forward and backward on this process's shard and returns the loss; for ESAM
+    it returns per-sample losses without backward. It runs at ``w`` inside
+    :func:`first_pass` and at ``w + ε`` with the running statistics frozen (only at
+    ``w`` on a step that ``first_step`` completes by itself, as LookSAM's reuse steps).
+    Returns this process's first-pass loss. If the second pass raises, the weights are
+    restored before the exception propagates.
 
-    With ``perturbation="local"``, optimizers whose update uses the first-pass gradient
-    (:func:`per_process_update` gives ``"direction"``) run both passes without gradient
-    synchronization and average their final direction instead of ``g_s``.
+    With ``perturbation="local"``, an optimizer whose ``uses_clean_gradient`` is True
+    runs both passes without gradient synchronization and averages its final direction
+    instead of ``g_s``.
+
+    Example::
+
+        loss = sam_step(opt, ddp_model, lambda: (l := loss_fn(ddp_model(x), y)).backward() or l)
     """
     _check_options(perturbation, statistics)
     check_two_pass(optimizer)
-    by_direction = perturbation == "local" and per_process_update(optimizer) == "direction"
+    by_direction = perturbation == "local" and optimizer.uses_clean_gradient
     group = _group_of(model, process_group)
     is_ddp = isinstance(model, DistributedDataParallel)
+    synchronized_first_backward = is_ddp and perturbation == "global"
     averaging = _directions_averaged(optimizer, group) if by_direction else nullcontext()
     with torch.enable_grad(), first_pass(model, perturbation, statistics, group):
-        loss = closure()
+        loss = optimizer.run_first_pass(
+            closure, skip_unused_gradients=not synchronized_first_backward
+        )
     if perturbation == "local" and getattr(optimizer, "skip_nonfinite", False):
         agree_on_nonfinite_gradients(model.parameters(), group)
     with averaging:
@@ -287,7 +237,7 @@ def sam_step(
         second_sync = model.no_sync() if by_direction and is_ddp else nullcontext()
         try:
             with torch.enable_grad(), running_stats_frozen(model), second_sync:
-                closure()
+                optimizer.run_second_pass(closure)
         except BaseException:
             optimizer.abandon_step()
             raise
@@ -297,21 +247,11 @@ def sam_step(
     return loss
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (``model`` itself otherwise)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 __all__ = [
     "PERTURBATIONS",
-    "PerProcessUpdate",
     "Perturbation",
     "agree_on_nonfinite_gradients",
-    "check_rank_independent_update",
     "check_two_pass",
     "first_pass",
-    "first_pass_local",
-    "per_process_update",
     "sam_step",
-    "unwrap",
 ]

@@ -33,7 +33,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +50,7 @@ from flatmin.distributed.collectives import (
 from flatmin.distributed.launch import init_from_env, spawn
 from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
-from flatmin.distributed.sam import first_pass, per_process_update, sam_step
-from flatmin.optim.bn import running_stats_frozen
+from flatmin.distributed.sam import sam_step
 from flatmin.train import checkpoint as ckpt
 from flatmin.train.loop import TrainConfig, Trainer
 from flatmin.train.registry import (
@@ -66,7 +64,9 @@ from flatmin.train.registry import (
 
 
 class DistributedTwoPassUpdate(TwoPassUpdate):
-    """The SAM family's step on a DDP model (see :func:`flatmin.distributed.sam.sam_step`)."""
+    """The SAM family's step on a DDP model (see :func:`flatmin.distributed.sam.sam_step`);
+    the closure takes the form the optimizer declares (``per_sample_closure``: ESAM's
+    per-sample objectives without backward)."""
 
     def __init__(self, perturbation: str = "local") -> None:
         self.perturbation = perturbation
@@ -80,69 +80,30 @@ class DistributedTwoPassUpdate(TwoPassUpdate):
             outputs.append(out)
             return out.objective
 
+        def per_sample_closure(rows: torch.Tensor | None = None) -> torch.Tensor:
+            out = compute(not outputs, rows)
+            outputs.append(out)
+            return out.per_sample
+
         optimizer.zero_grad(set_to_none=True)
-        sam_step(optimizer, model, closure, perturbation=self.perturbation)
+        chosen = per_sample_closure if optimizer.per_sample_closure else closure
+        sam_step(optimizer, model, chosen, perturbation=self.perturbation)
         return outputs[0]
-
-
-class DistributedPerSampleUpdate(TwoPassUpdate):
-    """ESAM's step on a DDP model with per-process ε (Du et al., ICLR 2022).
-
-    ESAM's ``step(closure)`` runs its first backward itself, where DDP would average it;
-    so the step is written out with ESAM's explicit interface, the first pass inside
-    :func:`~flatmin.distributed.sam.first_pass`. Each process perturbs the same tensors
-    (ESAM's draw depends on its seed and step count only) with its own gradient and
-    selects its own samples for the second pass; DDP averages the second gradient.
-    ``compute(first_pass, rows)`` must return per-sample objectives (``per_sample``).
-    """
-
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, compute) -> PassOutput:
-        optimizer.zero_grad(set_to_none=True)
-        freeze = optimizer.unperturbed_frozen() if optimizer.freeze_unperturbed else nullcontext()
-        with torch.enable_grad(), freeze, first_pass(model, "local"):
-            first = compute(True)
-            first.per_sample.mean().backward()
-        optimizer.first_step(zero_grad=True)
-        try:
-            with torch.enable_grad(), running_stats_frozen(model):
-                if optimizer.gamma < 1:
-                    with torch.no_grad():
-                        after = compute(False).per_sample
-                    rows = optimizer.select_samples(first.per_sample.detach(), after)
-                    compute(False, rows).per_sample.mean().backward()
-                else:
-                    compute(False).per_sample.mean().backward()
-        except BaseException:
-            optimizer.abandon_step()
-            raise
-        optimizer.second_step(zero_grad=True)
-        return first
 
 
 def distribute_method(method: Method) -> Method:
     """Make ``method`` (in place) correct on several processes; returns it.
 
-    The update rule is chosen by the optimizer: ESAM gets
-    :class:`DistributedPerSampleUpdate`; the other SAM-family members get
-    :class:`DistributedTwoPassUpdate` with per-process ε where their update allows it
-    (SAM, ASAM, USAM) and the averaged gradient otherwise (StableSAM, GSAM, LookSAM).
-    SAF and MESA terms get their distributed wrappers. An unknown update rule or loss
-    term is refused rather than run with a silently wrong meaning.
+    The SAM-family members get :class:`DistributedTwoPassUpdate` with per-process ε
+    (their traits tell :func:`~flatmin.distributed.sam.sam_step` how to average). SAF and
+    MESA terms get their distributed wrappers. An unknown update rule or loss term is
+    refused rather than run with a silently wrong meaning.
     """
-    from flatmin.optim.esam import ESAM
-
-    update, optimizer = method.update, method.optimizer
-    if isinstance(update, (DistributedTwoPassUpdate, DistributedPerSampleUpdate)):
+    update = method.update
+    if isinstance(update, DistributedTwoPassUpdate):
         pass
     elif isinstance(update, TwoPassUpdate):
-        if isinstance(optimizer, ESAM):
-            method.update = DistributedPerSampleUpdate()
-        else:
-            try:
-                per_process_update(optimizer)
-                method.update = DistributedTwoPassUpdate("local")
-            except ValueError:  # a subclass flatmin does not know: the safe, averaged ε
-                method.update = DistributedTwoPassUpdate("global")
+        method.update = DistributedTwoPassUpdate("local")
     elif type(update) is not SinglePassUpdate:
         raise TypeError(f"no distributed form is known for the update rule {type(update).__name__}")
     for name, term in method.terms.items():
