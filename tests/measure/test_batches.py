@@ -85,7 +85,7 @@ def test_split_batches_cuts_disjoint_sub_batches():
     parts = split_batches(collect_batches([(x[:7], y[:7]), (x[7:], y[7:])]), 3)
     assert [p.size for p in parts] == [3, 3, 1, 3]
     assert torch.equal(torch.cat([p.x for p in parts]), x)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="m must be an integer >= 1"):
         split_batches(parts, 0)
 
 

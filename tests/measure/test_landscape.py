@@ -84,10 +84,13 @@ def test_quadratic_landscape_is_an_exact_parabola():
         model, mean_output, data, dims=1, steps=9, span=2.0, include_biases_and_norms=True
     )
     alphas = result.coords[0]
-    quadratic, _, constant = np.polyfit(alphas, result.losses, 2)
-    np.testing.assert_allclose(np.polyval([quadratic, _, constant], alphas), result.losses)
-    squared_norm = float(w @ w)
-    assert 0.5 * min(spectrum) * squared_norm <= quadratic <= 0.5 * max(spectrum) * squared_norm
+    quadratic, linear, constant = np.polyfit(alphas, result.losses, 2)
+    np.testing.assert_allclose(np.polyval([quadratic, linear, constant], alphas), result.losses)
+    # The direction: the seed's first Gaussian draw, rescaled to ‖w‖ (one filter).
+    d = torch.randn(3, generator=torch.Generator().manual_seed(result.seed), dtype=w.dtype)
+    d = d * (w.norm() / d.norm())
+    assert quadratic == pytest.approx(float(0.5 * d @ model.a @ d), rel=1e-9)
+    assert linear == pytest.approx(float((model.a @ w) @ d), rel=1e-9)
     assert constant == pytest.approx(float(0.5 * w @ model.a @ w), rel=1e-10)
 
 

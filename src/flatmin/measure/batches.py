@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from flatmin._checks import check_int
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -69,8 +71,8 @@ def collect_batches(
     device: torch.device | None = None,
 ) -> list[Batch]:
     """Draw up to ``max_batches`` batches from ``data`` once, moved to ``device``."""
-    if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    if max_batches is not None:
+        check_int("max_batches", max_batches, minimum=1, hint="or None for every batch")
     if _is_single_batch(data):
         items: Iterable[object] = [data]
     elif isinstance(data, Iterable) and not isinstance(data, (Tensor, str, bytes)):
@@ -110,8 +112,7 @@ def split_batches(batches: Sequence[Batch], m: int) -> list[Batch]:
 
     The last sub-batch of a batch is smaller when its size is not a multiple of ``m``.
     """
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be a positive integer, got {m!r}")
+    check_int("m", m, minimum=1, hint="the sub-batch size")
     out = []
     for batch in batches:
         for x, y in zip(batch.x.split(m), batch.y.split(m), strict=True):

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from flatmin._checks import check_choice, check_int, check_real
 from flatmin.measure._state import measuring, trainable_parameters
 from flatmin.measure.batches import (
     Batch,
@@ -128,9 +129,7 @@ class HessianOperator:
 
 
 def _generator(seed: int) -> torch.Generator:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(check_int("seed", seed))
 
 
 def _random_unit(op: HessianOperator, generator: torch.Generator) -> Tensor:
@@ -260,11 +259,6 @@ def _deflate(v: Tensor, found: Sequence[Tensor]) -> Tensor:
     return v
 
 
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def hessian_eigenvalues(
     model: nn.Module,
     loss_fn: LossFn,
@@ -293,15 +287,12 @@ def hessian_eigenvalues(
         seed: seeds the starting vectors (a private generator; the global RNG is untouched).
         max_batches, train_mode_bn, progress: as in :func:`~flatmin.measure.sam_sharpness`.
     """
-    _check_positive_int("k", k)
-    _check_positive_int("max_iter", max_iter)
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol!r}")
-    if method not in ("lanczos", "power"):
-        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+    check_int("k", k, minimum=1)
+    check_int("max_iter", max_iter, minimum=1)
+    check_real("tol", tol, minimum=0.0, exclusive_minimum=True)
+    check_choice("method", method, ("lanczos", "power"))
     which = which or ("largest" if method == "lanczos" else "magnitude")
-    if which not in ("largest", "smallest", "magnitude"):
-        raise ValueError(f"which must be 'largest', 'smallest' or 'magnitude', got {which!r}")
+    check_choice("which", which, ("largest", "smallest", "magnitude"))
     if method == "power" and which != "magnitude":
         raise ValueError("power iteration finds the eigenvalues of largest magnitude only")
     generator = _generator(seed)
@@ -393,9 +384,8 @@ def hessian_trace(
         seed: seeds the Rademacher probes (a private generator).
         max_batches, train_mode_bn, progress: as in :func:`~flatmin.measure.sam_sharpness`.
     """
-    if method not in ("hutch++", "hutchinson"):
-        raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
-    _check_positive_int("num_queries", num_queries, 6 if method == "hutch++" else 2)
+    check_choice("method", method, ("hutch++", "hutchinson"))
+    check_int("num_queries", num_queries, minimum=6 if method == "hutch++" else 2)
     generator = _generator(seed)
     with measuring(model, train_mode_bn):
         batches = collect_batches(data, max_batches, model_device(model))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flatmin._checks import check_choice, check_int, check_real
 from flatmin.measure._state import measuring, trainable_parameters
 from flatmin.measure.batches import (
     Batch,
@@ -97,8 +98,7 @@ def random_direction(
     the norm of its weight; None keeps the raw ``N(0, I)`` sample. Parameters with at
     most one dimension get zeros unless ``include_biases_and_norms``.
     """
-    if normalization not in ("filter", "layer", None):
-        raise ValueError(f"normalization must be 'filter', 'layer' or None, got {normalization!r}")
+    check_choice("normalization", normalization, ("filter", "layer", None))
     direction = []
     for p in params:
         w = p.detach()
@@ -121,8 +121,7 @@ def random_direction(
 def grid(steps: int, low: float, high: float) -> np.ndarray:
     """``steps`` evenly spaced points from ``low`` to ``high``; the midpoint of a
     symmetric odd grid is exactly 0."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
+    check_int("steps", steps, minimum=2)
     fraction = np.arange(steps, dtype=np.float64) / (steps - 1)
     if low == -high:
         return high * (2 * fraction - 1)
@@ -195,10 +194,8 @@ def loss_landscape(
             ``t`` over ``t_range`` instead of random directions (``dims`` must be 1).
         max_batches, train_mode_bn, progress: as in :func:`~flatmin.measure.sam_sharpness`.
     """
-    if dims not in (1, 2):
-        raise ValueError(f"dims must be 1 or 2, got {dims!r}")
-    if not span > 0:
-        raise ValueError(f"span must be positive, got {span!r}")
+    check_choice("dims", dims, (1, 2))
+    check_real("span", span, minimum=0.0, exclusive_minimum=True)
     if other is not None and dims != 1:
         raise ValueError("interpolation towards `other` is one-dimensional: pass dims=1")
     generator = torch.Generator().manual_seed(seed)

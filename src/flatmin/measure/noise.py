@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flatmin._checks import check_int, check_real
 from flatmin.measure._state import measuring, trainable_parameters
 from flatmin.measure.batches import LossFn, collect_batches, mean_loss, model_device, num_samples
 from flatmin.measure.landscape import Normalization, random_direction
@@ -64,11 +65,10 @@ def gaussian_noise_curve(
             :func:`~flatmin.measure.landscape.random_direction`.
         max_batches, train_mode_bn, progress: as in :func:`~flatmin.measure.sam_sharpness`.
     """
-    scales = [float(s) for s in scales]
-    if not scales or any(not s >= 0 for s in scales):
-        raise ValueError(f"scales must be a non-empty list of non-negative numbers, got {scales}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    scales = [check_real(f"scales[{i}]", s, minimum=0.0) for i, s in enumerate(scales)]
+    if not scales:
+        raise ValueError("scales must be a non-empty list of numbers >= 0, got []")
+    check_int("repeats", repeats, minimum=1)
     generator = torch.Generator().manual_seed(seed)
     losses = np.empty((len(scales), repeats))
     with measuring(model, train_mode_bn):
