@@ -1,6 +1,6 @@
 """Shared helpers of the tests/optim package: the family every contract test runs
-against, small models and data, a closed-form quadratic, state comparisons and the
-bit-exact resume check.
+against, small models and data, a closed-form quadratic, state comparisons and the parts
+that tests.helpers.assert_resumes_bit_exactly resumes.
 
 Each FAMILY entry builds an optimizer from (params, base optimizer class, base kwargs)
 with settings under which the method really perturbs (ρ > 0). New members of the family
@@ -143,40 +143,26 @@ def state_equal(a, b):
     return True
 
 
-def assert_resumes_bit_exactly(
-    make_optimizer: Callable,
-    base: str,
-    tmp_path,
-    *,
-    steps: int = 12,
-    stop_after: int = 7,
-    run: Callable = train,
-    make_resumed_optimizer: Callable | None = None,
-) -> None:
-    """Train ``steps`` batches straight, and ``stop_after`` of them, save model and
-    optimizer to disk, load both into a differently initialized model and a new optimizer
-    (``make_resumed_optimizer`` if given), train the rest: weights, buffers and the
-    optimizer's state dict must be bit-identical to the straight run's."""
+def resume_parts(
+    make_optimizer: Callable, base: str, *, resumed_optimizer: Callable | None = None
+) -> Callable:
+    """``make(seed)`` for :func:`tests.helpers.assert_resumes_bit_exactly`: the BatchNorm
+    network initialized from ``seed`` and ``make_optimizer`` over it with the base
+    optimizer ``base`` (``resumed_optimizer`` builds the resumed run's, seed ≠ 0)."""
     base_cls, kw = BASES[base]
-    data = batches(steps)
-    straight = bn_net()
-    opt = make_optimizer(straight.parameters(), base_cls, **kw)
-    run(straight, opt, data)
 
-    first = bn_net()
-    opt1 = make_optimizer(first.parameters(), base_cls, **kw)
-    run(first, opt1, data[:stop_after])
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, tmp_path / "ckpt.pt")
-    del first, opt1
+    def make(seed: int) -> dict:
+        model = bn_net(seed)
+        build = resumed_optimizer if seed and resumed_optimizer else make_optimizer
+        return {"model": model, "optimizer": build(model.parameters(), base_cls, **kw)}
 
-    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    resumed = bn_net(seed=99)  # different init: everything must come from the checkpoint
-    resumed.load_state_dict(checkpoint["model"])
-    opt2 = (make_resumed_optimizer or make_optimizer)(resumed.parameters(), base_cls, **kw)
-    opt2.load_state_dict(checkpoint["opt"])
-    run(resumed, opt2, data[stop_after:])
-    assert same(snapshot(straight), snapshot(resumed))
-    assert state_equal(opt.state_dict(), opt2.state_dict())
+    return make
+
+
+def steps_over(data: list, run: Callable = train) -> Callable:
+    """``train(parts, steps)`` for :func:`tests.helpers.assert_resumes_bit_exactly`: one
+    optimizer step per batch ``data[i]``, ``i`` in ``steps``."""
+    return lambda parts, steps: run(parts["model"], parts["optimizer"], [data[i] for i in steps])
 
 
 # -- L(w) = ½ wᵀAw with a 'weight' and a 'bias' parameter -----------------------------------
