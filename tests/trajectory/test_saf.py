@@ -82,10 +82,13 @@ def test_a_second_pass_over_the_same_batch_reuses_targets_and_records_nothing():
 
 def test_record_false_leaves_the_store_alone():
     saf = SAF(4, 3, lag_epochs=1, start_epoch=0)
-    saf(torch.randn(4, 3), torch.arange(4))
+    past = torch.randn(4, 3, dtype=torch.float64)
+    saf(past, torch.arange(4))
     before = saf.store.logits.clone(), saf.store.written_epoch.clone()
     saf.set_epoch(1)
-    assert saf(torch.randn(4, 3), torch.arange(4), record=False).item() > 0
+    z = torch.randn(4, 3, dtype=torch.float64)
+    expected = _numpy_term(z.numpy(), past.half().double().numpy(), 0.3, 5.0)
+    assert math.isclose(saf(z, torch.arange(4), record=False).item(), expected, rel_tol=1e-6)
     assert torch.equal(saf.store.logits, before[0])
     assert torch.equal(saf.store.written_epoch, before[1])
 
