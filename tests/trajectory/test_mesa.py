@@ -207,6 +207,16 @@ def test_load_state_dict_checks_everything_before_changing_anything():
     with pytest.raises(ValueError, match=re.escape("missing ['_extra_state']")):
         mesa.load_state_dict(missing)
     assert unchanged()
+    broken = MESA(bn_mlp()).state_dict()
+    broken["_extra_state"] = {"epoch": 2}
+    with pytest.raises(ValueError, match=r"_extra_state to be a dict with keys \['epoch', 'lam'"):
+        mesa.load_state_dict(broken)
+    assert unchanged()
+    parent = _Parent()  # through a parent module, torch loads and MESA checks its part
+    state = parent.state_dict()
+    state["mesa._extra_state"] = {"epoch": 2}
+    with pytest.raises(ValueError, match=r"hold \['lam', 'start_epoch', 'tau'\] too"):
+        _Parent().load_state_dict(state)
     old_layout = {"teacher": mesa.teacher.state_dict(), "num_updates": 1, "epoch": 0}
     with pytest.raises(ValueError, match="unexpected \\['epoch', 'num_updates', 'teacher'\\]"):
         mesa.load_state_dict(old_layout)

@@ -265,6 +265,9 @@ class MESA(nn.Module):
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        missing = {"epoch", "lam", "tau", "start_epoch"} - set(state)
+        if missing:
+            raise ValueError(f"expected MESA's extra state to hold {sorted(missing)} too")
         self.epoch = check_int("epoch", state["epoch"], minimum=0)
         self.lam = check_real("lam", state["lam"], minimum=0.0)
         self.tau = check_real("tau", state["tau"], minimum=0.0, exclusive_minimum=True)
