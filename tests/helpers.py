@@ -1,12 +1,19 @@
-"""Helpers shared by test packages: one bit-exact resume assertion for every stateful part."""
+"""Helpers shared by test packages: one bit-exact resume assertion for every stateful part,
+the comparison of two training runs' checkpoints, files damaged as disks and copies damage
+them, and the shape of a one-line error."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import struct
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+TIMINGS = ("wall_time", "images_per_s", "images_per_cpu_s")
+RUN_KEYS = ("model", "optimizer", "scheduler", "method_state", "epoch")
 
 
 def assert_trees_equal(mine: Any, theirs: Any, path: str = "state") -> None:
@@ -56,3 +63,54 @@ def assert_resumes_bit_exactly(
     for name in straight:
         assert_trees_equal(straight[name].state_dict(), resumed[name].state_dict(), name)
     return straight
+
+
+def without_timings(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Metrics records without the fields that depend on the machine's speed."""
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def assert_runs_equal(
+    straight: Mapping[str, Any] | Path, resumed: Mapping[str, Any] | Path,
+    keys: Iterable[str] = RUN_KEYS,
+) -> None:  # fmt: skip
+    """Two training runs' checkpoints (dicts or files), e.g. an uninterrupted run and one
+    stopped and resumed, hold the same state bit for bit in ``keys``; their metrics
+    records agree except for timings."""
+    if not isinstance(straight, Mapping):
+        straight = torch.load(straight, weights_only=True)
+    if not isinstance(resumed, Mapping):
+        resumed = torch.load(resumed, weights_only=True)
+    for key in keys:
+        assert_trees_equal(straight[key], resumed[key], key)
+    if "metrics" in straight:
+        assert without_timings(straight["metrics"]) == without_timings(resumed["metrics"])
+
+
+def flip_a_stored_byte(path: Path) -> None:
+    """Change one byte in the middle of the largest tensor stored in the ``torch.save``
+    file ``path``, as a bad disk or a bad copy would, leaving the archive readable."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(
+            (i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size
+        )
+    raw = bytearray(path.read_bytes())
+    header = info.header_offset
+    name_length, extra_length = struct.unpack("<HH", raw[header + 26 : header + 30])
+    raw[header + 30 + name_length + extra_length + info.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def truncate(path: Path, fraction: float = 0.5) -> None:
+    """Keep the first ``fraction`` of the file's bytes, as a copy cut short would."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * fraction)])
+
+
+def assert_one_line_error(stderr: str, *expected: str) -> None:
+    """``stderr`` is exactly one line, names each of ``expected`` and shows no traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr and "weights_only" not in stderr, stderr
+    for text in expected:
+        assert text in lines[0], stderr

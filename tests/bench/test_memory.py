@@ -1,7 +1,7 @@
 import pytest
 
 from flatmin.bench.memory import peak_rss_bytes
-from flatmin.bench.speed import SpeedCase
+from flatmin.bench.workload import SpeedCase
 
 # ResNet-18 (11.2 M float32 parameters, ~43 MiB) at batch 2: the copy of w that SAM keeps
 # between its passes dwarfs both the activations and the allocator's slack.

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from flatmin.bench.speed import CASES, SpeedCase, format_table, measure_case
+from flatmin.bench.speed import format_table, measure_case
+from flatmin.bench.workload import CASES, MethodRunner, SpeedCase
 
 TINY = SpeedCase("cnn1d-tiny", "cnn1d", (1, 40), 10, 4_000, batch_size=16, steps=2)
 
@@ -60,7 +61,6 @@ def test_sgd_is_required_and_weights_are_independent():
 
 
 def test_each_method_trains_its_own_copy():
-    from flatmin.bench.speed import MethodRunner
     from flatmin.train.models import build_model
 
     base = build_model("cnn1d", 10, (1, 40))
@@ -73,7 +73,6 @@ def test_each_method_trains_its_own_copy():
 
 
 def test_channels_last_inputs_change_only_the_layout_of_image_batches():
-    from flatmin.bench.speed import MethodRunner
     from flatmin.train.models import build_model
 
     image = SpeedCase("cnn-tiny", "cnn", (3, 16, 16), 10, 60_000, batch_size=4, steps=1)

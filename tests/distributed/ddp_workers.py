@@ -22,9 +22,9 @@ from flatmin.distributed.checkpoint import load_on_every_rank, save_on_rank0
 from flatmin.distributed.collectives import max_replica_difference
 from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
-from flatmin.distributed.train import train_in_group
 from flatmin.optim.bn import running_stats_frozen
-from flatmin.train.loop import TrainConfig
+from flatmin.train.config import TrainConfig
+from flatmin.train.ddp import train_in_group
 from flatmin.train.registry import METHODS
 
 GLOBAL_BATCH = 8
@@ -490,16 +490,16 @@ def trainer_first_round(rank: int, world_size: int, root: str) -> None:
     for method in METHODS:
         stop_after = None if method in TRAIN_RESUMED else 1
         run_dir = f"{root}/{method}-straight"
-        train_in_group(rank, world_size, train_config(method), run_dir, False, stop_after, True)
+        train_in_group(rank, world_size, train_config(method), run_dir, False, stop_after)
     for method in TRAIN_RESUMED:
         run_dir = f"{root}/{method}-split"
-        train_in_group(rank, world_size, train_config(method), run_dir, False, 1, True)
+        train_in_group(rank, world_size, train_config(method), run_dir, False, 1)
 
 
 def trainer_resume(rank: int, world_size: int, root: str) -> None:
     for method in TRAIN_RESUMED:
         run_dir = f"{root}/{method}-split"
-        train_in_group(rank, world_size, train_config(method), run_dir, True, None, True)
+        train_in_group(rank, world_size, train_config(method), run_dir, True, None)
 
 
 # -- the two spawns of the session ------------------------------------------------------
@@ -517,3 +517,23 @@ def every_resumed_run(rank: int, world_size: int, out_dir: str) -> None:
     """Fresh processes that continue from the first spawn's rank-0 checkpoints."""
     full_run(rank, world_size, out_dir, True)
     trainer_resume(rank, world_size, out_dir)
+
+
+# -- the launcher ----------------------------------------------------------------------
+
+
+def finish_at_different_times(rank: int, world_size: int, out_dir: str) -> None:
+    """Rank 0 works a second longer than rank 1; each process notes when its function
+    returned and when the process itself exits (after spawn's wrapper is done)."""
+    import atexit
+    import time
+
+    if rank == 0:
+        time.sleep(1.0)
+    Path(out_dir, f"returned_{rank}").write_text(repr(time.time()))
+    atexit.register(lambda: Path(out_dir, f"exited_{rank}").write_text(repr(time.time())))
+
+
+def refuse_on_rank_1(rank: int, world_size: int) -> None:
+    if rank == 1:
+        raise ValueError("rank 1 refuses")

@@ -8,6 +8,7 @@ import torch
 
 from flatmin.distributed.checkpoint import load_on_every_rank, save_on_rank0
 from tests.distributed.ddp_workers import FULL_EPOCHS, FULL_RESUME_EPOCH
+from tests.helpers import assert_trees_equal
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
@@ -20,17 +21,6 @@ def runs(ddp_resumed):
     # written by two new processes that resumed from rank 0's checkpoint file
     resumed = [torch.load(out / f"full_resumed_{r}.pt") for r in range(WORLD)]
     return straight, resumed
-
-
-def assert_trees_equal(a, b, path=""):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_trees_equal(a[key], b[key], f"{path}/{key}")
-    elif torch.is_tensor(a):
-        assert torch.equal(a, b), path
-    else:
-        assert a == b, path
 
 
 def test_mesa_teachers_are_identical_on_every_process(runs):

@@ -1,4 +1,4 @@
-"""The reference trainer on 2 gloo processes (flatmin.distributed.train).
+"""The reference trainer on 2 gloo processes (flatmin.train.ddp).
 
 The session's first spawn trains every registered method for an epoch (three of them for
 two epochs, and for one epoch into a second directory); the second spawn — two new processes —
@@ -7,16 +7,20 @@ resumes those three from rank 0's files.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
 
-from flatmin.distributed.train import main, run_distributed
 from flatmin.train import checkpoint as ckpt
-from flatmin.train.loop import TrainConfig
+from flatmin.train.config import TrainConfig
+from flatmin.train.ddp import run_distributed
+from flatmin.train.loop import Trainer
 from flatmin.train.registry import METHODS
-from tests.distributed.ddp_workers import TRAIN_RESUMED
+from tests.distributed.ddp_workers import TRAIN_RESUMED, train_config
+from tests.helpers import assert_runs_equal
 
 pytestmark = pytest.mark.distributed
 
@@ -37,26 +41,18 @@ def test_every_registered_method_trains_on_two_processes(root):
 
 def test_resumed_runs_equal_uninterrupted_runs_bit_for_bit(root):
     for method in TRAIN_RESUMED:
-        straight = torch.load(root / f"{method}-straight" / ckpt.CHECKPOINT_NAME)
-        resumed = torch.load(root / f"{method}-split" / ckpt.CHECKPOINT_NAME)
-        for key in ("model", "optimizer", "scheduler", "method_state", "epoch"):
-            _assert_equal(straight[key], resumed[key], f"{method}/{key}")
-        assert straight["metrics"][-1]["test_acc"] == resumed["metrics"][-1]["test_acc"]
+        assert_runs_equal(root / f"{method}-straight" / ckpt.CHECKPOINT_NAME,
+                                   root / f"{method}-split" / ckpt.CHECKPOINT_NAME)  # fmt: skip
 
 
-def _assert_equal(a, b, path):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _assert_equal(a[key], b[key], f"{path}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{path}/{i}")
-    elif torch.is_tensor(a):
-        assert torch.equal(a, b), path
-    else:
-        assert a == b, path
+def test_the_number_of_processes_is_recorded_and_a_resume_on_one_refused(root, tmp_path):
+    shutil.copytree(root / "sam-split", tmp_path / "run")
+    state = torch.load(tmp_path / "run" / ckpt.CHECKPOINT_NAME, weights_only=True)
+    assert state["world_size"] == 2
+    assert json.loads((tmp_path / "run" / ckpt.CONFIG_NAME).read_text())["world_size"] == 2
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\) \(--nproc 2\), not 1"):
+        Trainer(train_config("sam"), tmp_path / "run", progress=False).run(resume=True)
+    assert torch.load(tmp_path / "run" / ckpt.CHECKPOINT_NAME, weights_only=True)["epoch"] == 2
 
 
 def test_a_diverging_run_stops_on_every_process_together(tmp_path):
@@ -73,9 +69,3 @@ def test_rejects_a_batch_that_does_not_split_evenly(tmp_path):
             TrainConfig(method="sgd", dataset="digits", batch_size=15), tmp_path / "r", 2
         )
     assert not (tmp_path / "r").exists()
-
-
-def test_command_line_needs_nproc_outside_torchrun(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main(["--method", "sgd", "--dataset", "digits", "--out", str(tmp_path / "r")]) == 2
-    assert "--nproc" in capsys.readouterr().err

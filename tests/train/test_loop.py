@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from flatmin.train import checkpoint as ckpt
-from flatmin.train.loop import TrainConfig, Trainer, evaluate, lr_factor, resume_conflicts
+from flatmin.train.config import TrainConfig, lr_factor, resume_conflicts
+from flatmin.train.loop import Trainer, divergence_message, evaluate
 from flatmin.train.registry import METHODS
+from tests.helpers import assert_runs_equal, without_timings
 
 # Settings under which each method's own state matters within 4 short epochs: the SAF and
 # MESA terms are active from the second epoch (the store and the teacher must come back),
@@ -38,26 +40,6 @@ def _state(run_dir):
     return torch.load(run_dir / ckpt.CHECKPOINT_NAME, weights_only=True)
 
 
-def _assert_same_tensors(a, b, where="checkpoint"):
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for key in a:
-            _assert_same_tensors(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
-def _without_times(records):
-    timings = ("wall_time", "images_per_s", "images_per_cpu_s")
-    return [{k: v for k, v in r.items() if k not in timings} for r in records]
-
-
 @pytest.mark.parametrize("method", list(METHODS))
 def test_resume_is_bit_exact(tmp_path, method):
     straight = Trainer(_config(method), tmp_path / "straight", progress=False).run()
@@ -66,24 +48,25 @@ def test_resume_is_bit_exact(tmp_path, method):
 
     a, b = _state(tmp_path / "straight"), _state(tmp_path / "split")
     assert a["epoch"] == b["epoch"] == 4
-    for key in ("model", "optimizer", "scheduler", "method_state", "rng"):
-        _assert_same_tensors(a[key], b[key], key)
-    assert _without_times(straight) == _without_times(resumed)
-    assert _without_times(ckpt.read_metrics(tmp_path / "split" / "metrics.jsonl")) == (
-        _without_times(straight)
+    assert_runs_equal(a, b, ("model", "optimizer", "scheduler", "method_state", "rng"))
+    assert without_timings(straight) == without_timings(resumed)
+    assert without_timings(ckpt.read_metrics(tmp_path / "split" / "metrics.jsonl")) == (
+        without_timings(straight)
     )
 
 
 def test_checkpoint_contract(tmp_path):
     Trainer(_config("sam", epochs=1), tmp_path, progress=False).run()
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain torch.load
-    assert set(ckpt.CHECKPOINT_KEYS) <= set(state)
+    assert set(state) == {*ckpt.CHECKPOINT_KEYS, "checksum"}
     config = state["config"]
     for key in ("method", "model", "dataset", "data_dir", "seed", "rho", "lr", "momentum"):
         assert key in config
     assert (config["method"], config["model"], config["dataset"]) == ("sam", "cnn", "digits")
     assert state["epoch"] == 1
     assert "base_optimizer" in state["optimizer"]  # SAM nests the base optimizer's state
+    assert state["world_size"] == 1
+    assert state["checksum"] == ckpt.state_checksum(state)
     on_disk = json.loads((tmp_path / "config.json").read_text())
     assert on_disk["method"] == "sam"
     assert on_disk["data"]["num_flipped"] == round(0.2 * 96)
@@ -111,7 +94,7 @@ def test_ctrl_c_keeps_the_last_complete_epoch(tmp_path):
     # Resuming the interrupted run gives exactly the uninterrupted one.
     Trainer(_config("saf"), tmp_path / "run", progress=False).run(resume=True)
     Trainer(_config("saf"), tmp_path / "straight", progress=False).run()
-    _assert_same_tensors(_state(tmp_path / "run")["model"], _state(tmp_path / "straight")["model"])
+    assert_runs_equal(_state(tmp_path / "straight"), _state(tmp_path / "run"))
 
 
 def test_a_diverged_run_stops_and_keeps_the_last_finite_checkpoint(tmp_path):
@@ -120,10 +103,11 @@ def test_a_diverged_run_stops_and_keeps_the_last_finite_checkpoint(tmp_path):
             with torch.no_grad():
                 next(trainer.model.parameters()).fill_(float("nan"))
 
-    logged = []
-    trainer = Trainer(_config("sam"), tmp_path / "run", progress=False, log=logged.append,
-                      step_callbacks=[blow_up])  # fmt: skip
+    seen = []
+    trainer = Trainer(_config("sam"), tmp_path / "run", progress=False,
+                      step_callbacks=[blow_up], epoch_callbacks=[seen.append])  # fmt: skip
     records = trainer.run()
+    assert seen == records
     assert [r["epoch"] for r in records] == [1, 2]  # of 4: it stopped
     assert records[-1]["diverged"] is True and "diverged" not in records[0]
     on_disk = ckpt.read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -131,12 +115,15 @@ def test_a_diverged_run_stops_and_keeps_the_last_finite_checkpoint(tmp_path):
     state = _state(tmp_path / "run")
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-    assert "not finite after epoch 2" in logged[-1] and "keeps epoch 1" in logged[-1]
+    assert divergence_message(tmp_path / "run" / "checkpoint.pt", 2) == (
+        f"diverged: the weights are not finite after epoch 2; training stopped, "
+        f"{tmp_path / 'run' / 'checkpoint.pt'} keeps epoch 1"
+    )
 
     # Resuming continues from the finite epoch 1, as the uninterrupted run would have.
     resumed = Trainer(_config("sam"), tmp_path / "run", progress=False).run(resume=True)
     straight = Trainer(_config("sam"), tmp_path / "straight", progress=False).run()
-    assert _without_times(resumed) == _without_times(straight)
+    assert without_timings(resumed) == without_timings(straight)
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path):

@@ -62,3 +62,13 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("FLATMIN_CACHE")
     assert default_cache_dir().parts[-2:] == (".cache", "flatmin")
     assert cache_path(tmp_path).name.startswith("mnist1d-")
+
+
+def test_a_truncated_cache_is_regenerated(tmp_path):
+    good, path = load_mnist1d(tmp_path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])  # a copy or a write cut short
+    again, _ = load_mnist1d(tmp_path)
+    for key in good:
+        np.testing.assert_array_equal(again[key], good[key])
+    assert path.read_bytes() == raw  # and the cache is whole again

@@ -6,16 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatmin.train.registry import (
-    METHODS,
-    Hyperparameter,
-    Method,
-    MethodContext,
-    MethodSpec,
-    SinglePassUpdate,
-    get_method,
-    register,
-)
+from flatmin.train.method import Method, MethodContext, SinglePassUpdate
+from flatmin.train.registry import METHODS, get_method, register
+from flatmin.train.spec import Hyperparameter, MethodSpec
 
 CONTEXT = MethodContext(num_samples=16, num_classes=3)
 
@@ -67,11 +60,13 @@ def test_resolve_rejects_foreign_and_bad_values():
     sam = get_method("sam")
     with pytest.raises(ValueError, match=r"--tau does not apply to method 'sam'"):
         sam.resolve({"tau": 2.0})
-    with pytest.raises(ValueError, match=r"--rho must be >= 0"):
+    with pytest.raises(ValueError, match=r"^--rho must be a finite number >= 0.0, got -0.1$"):
         sam.resolve({"rho": -0.1})
-    with pytest.raises(ValueError, match=r"--lag-epochs expects an integer"):
+    with pytest.raises(ValueError, match=r"^--rho must be a finite number >= 0.0, got inf$"):
+        sam.resolve({"rho": float("inf")})
+    with pytest.raises(ValueError, match=r"^--lag-epochs must be an integer >= 1, got 1.5$"):
         get_method("saf").resolve({"lag_epochs": 1.5})
-    with pytest.raises(ValueError, match=r"--nesterov expects true or false"):
+    with pytest.raises(ValueError, match=r"^--nesterov must be one of True, False, got 1$"):
         sam.resolve({"nesterov": 1})
     assert get_method("saf").resolve({"lag_epochs": 2.0})["lag_epochs"] == 2
 

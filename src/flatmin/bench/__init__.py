@@ -1,5 +1,6 @@
-"""Benchmarks as commands: ``flatmin bench --preset demo`` and the other presets and modes.
+"""Benchmarks: the demo preset, speed, accuracy studies and the SAF paper's figures.
 
-:mod:`flatmin.bench.command` dispatches to one module per benchmark; each prints its
-table and writes its files, and says which command produced them.
+Each benchmark is a module of functions that train, time or measure and write their
+files; ``flatmin bench`` (:mod:`flatmin.cli.bench`) parses the options and prints the
+results, and says which command produced them.
 """

@@ -26,12 +26,10 @@ batch 128 and a cosine schedule.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import shutil
 import signal
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,11 +38,8 @@ from typing import Any
 
 import torch
 
-from flatmin.train.loop import TrainConfig, Trainer
-
-DESCRIPTION = (
-    "SGD, SAM, SAF and MESA on MNIST-1D with 40 % label noise, 3 seeds (~1–2 min, 2 cores)"
-)
+from flatmin.train.config import TrainConfig
+from flatmin.train.loop import Trainer
 
 
 @dataclass(frozen=True)
@@ -171,7 +166,7 @@ def run_demo(
     epochs: int | None = None,
     processes: int = 1,
     progress: bool | None = None,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = None,
 ) -> list[MethodResult]:
     """Train every method of ``preset`` for each seed into ``out/METHOD-seedK``.
 
@@ -241,7 +236,7 @@ def plot(
 
     ``marker = (x, label)`` draws a dotted vertical line at epoch ``x`` on both panels.
     """
-    import matplotlib
+    import matplotlib  # optional: the flatmin[plot] extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -267,47 +262,17 @@ def plot(
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
-    preset = DemoPreset()
-    out = Path(args.out if args.out is not None else "runs/demo")
-    seeds = preset.seeds if args.seeds is None else args.seeds
-    epochs = preset.epochs if args.epochs is None else args.epochs
-    processes = args.threads
-    if seeds < 1 or epochs < 1 or processes < 1:
-        print(
-            "flatmin bench: error: --seeds, --epochs and --threads must be >= 1",
-            file=sys.stderr,
-        )
-        return 2
-    title = (
-        f"MNIST-1D, {preset.label_noise:.0%} symmetric label noise, {preset.model}, "
-        f"{epochs} epochs, {seeds} seed{'s' if seeds > 1 else ''}"
-    )
-    print(f"flatmin demo: {title}; {processes} run(s) at a time, one thread each")
-    print(preset.scaling_note)
-    started = time.perf_counter()
-    if processes <= 1:
-        torch.set_num_threads(1)
-    results = run_demo(
-        preset, out, seeds=seeds, epochs=epochs, processes=processes, progress=args.progress
-    )
-    elapsed = time.perf_counter() - started
-    text = table(results)
-    cpu = sum(r.cpu_seconds for r in results)
-    plot(results, out / "demo.png", title, preset.term_start_marker())
-    (out / "summary.md").write_text(
-        f"# flatmin demo\n\n{title}.\n\n{text}\n\n{preset.scaling_note}.\n\n"
+def write_summary(
+    out: Path, title: str, text: str, note: str, elapsed: float, processes: int, cpu: float
+) -> Path:
+    """``OUT/summary.md``: the table with what produced it."""
+    path = out / "summary.md"
+    path.write_text(
+        f"# flatmin demo\n\n{title}.\n\n{text}\n\n{note}.\n\n"
         f"Made by `flatmin bench --preset demo` in {elapsed:.0f} s, {processes} run(s) at "
         f"a time with one thread each; the runs used {cpu:.0f} CPU-seconds. Speed is the "
         "median training throughput per CPU-second; "
         "extra memory is counted from tensor sizes (SAM: the copy of w between passes; "
         "SAF: the logit store; MESA: the EMA teacher).\n"
     )
-    print()
-    print(text)
-    print()
-    print(
-        f"{elapsed:.0f} s in total; the runs used {cpu:.0f} CPU-seconds (≈ {cpu / processes:.0f}"
-        f" s on {processes} idle core(s)); plot: {out / 'demo.png'}; table: {out / 'summary.md'}"
-    )
-    return 0
+    return path

@@ -19,17 +19,15 @@ noise):
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from torch.nn import functional as F
 
-DESCRIPTION = "the SAF paper's figures (loss, sharpness per epoch, noise, surfaces) from runs"
+from flatmin.measure import gaussian_noise_curve, loss_landscape
+from flatmin.train.checkpoint import load_run, read_metrics
+from flatmin.train.loop import first_samples
 
 FIGURE_METHODS = ("sgd", "sam", "saf", "mesa")
 COLORS = {"sgd": "tab:gray", "sam": "tab:blue", "saf": "tab:green", "mesa": "tab:red"}
@@ -40,8 +38,6 @@ MEASURE_SAMPLES = 1024
 def read_curves(section_dir: Path, method: str, key: str) -> np.ndarray:
     """``curves[seed, epoch]`` of ``key`` over the finished runs ``METHOD-s*`` (runs of
     unequal length are cut to the shortest)."""
-    from flatmin.train.checkpoint import read_metrics
-
     curves = []
     for run in sorted(section_dir.glob(f"{method}-s*")):
         if not (run / "final.json").is_file():
@@ -63,7 +59,7 @@ def _trajectory_start(section_dir: Path) -> int | None:
 
 
 def plot_per_epoch(section_dir: Path, key: str, ylabel: str, title: str, path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # optional: the flatmin[plot] extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,42 +88,15 @@ def plot_per_epoch(section_dir: Path, key: str, ylabel: str, title: str, path: P
     return path
 
 
-def load_run(run_dir: Path) -> tuple[Any, tuple[Any, Any]]:
-    """The trained model of ``run_dir`` and its first training samples ``(x, y)``."""
-    import torch
-
-    from flatmin.train.checkpoint import load_checkpoint
-    from flatmin.train.data import load_dataset
-    from flatmin.train.models import build_model
-
-    config = json.loads((run_dir / "config.json").read_text())
-    bundle = load_dataset(
-        config["dataset"],
-        config["data_dir"],
-        seed=config["seed"],
-        label_noise=config["label_noise"],
-        subset=config["subset"],
-        augment=False,
-    )
-    model = build_model(config["model"], bundle.num_classes, bundle.input_shape)
-    model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
-    n = min(MEASURE_SAMPLES, len(bundle.train))
-    items = bundle.train.__getitems__(list(range(n)))
-    return model, (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
-
-
 def plot_noise_and_surfaces(
     section_dir: Path, out: Path, steps: int = 21, prefix: str = ""
 ) -> list[Path]:
     """``noise_curve.png`` and ``loss_surface.png`` (after ``prefix``) from the seed-0 run
     of each method."""
-    import matplotlib
+    import matplotlib  # optional: the flatmin[plot] extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from torch.nn import functional as F
-
-    from flatmin.measure import gaussian_noise_curve, loss_landscape
 
     runs = {
         m: section_dir / f"{m}-s0"
@@ -137,8 +106,9 @@ def plot_noise_and_surfaces(
     if not runs:
         return []
     noise, surfaces = {}, {}
-    for method, run in runs.items():
-        model, batch = load_run(run)
+    for method, run_dir in runs.items():
+        run = load_run(run_dir)
+        model, batch = run.model, first_samples(run.data.train, MEASURE_SAMPLES)
         noise[method] = gaussian_noise_curve(
             model, F.cross_entropy, batch, scales=NOISE_SCALES, repeats=5, seed=0
         )
@@ -206,50 +176,20 @@ def plot_noise_and_surfaces(
     return [noise_path, surface_path]
 
 
-def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--runs",
-        metavar="DIR",
-        default="runs/bench-accuracy-quick",
-        help="the accuracy study's run directory (default: runs/bench-accuracy-quick)",
-    )
-    group.add_argument(
-        "--section", default="mnist1d-noise40", help="which section to draw (default: MNIST-1D)"
-    )
-    group.add_argument("--surface-steps", type=int, default=21, help="grid points per axis")
-    group.add_argument("--prefix", default="", help="prefix of the file names (e.g. 'fmnist_')")
-
-
-def run(args: argparse.Namespace) -> int:
-    section_dir = Path(args.runs) / args.section
+def draw_figures(
+    section_dir: Path, out: Path, surface_steps: int = 21, prefix: str = ""
+) -> list[Path]:
+    """Every figure of the section's runs in ``section_dir``, written into ``out``."""
     if not section_dir.is_dir():
-        print(f"flatmin bench figures: error: no runs in {section_dir}", file=sys.stderr)
-        return 2
-    out = Path(args.out or "benchmarks")
+        raise FileNotFoundError(f"no runs in {section_dir}")
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    paths = [
+    section = section_dir.name
+    return [
         plot_per_epoch(section_dir, "train_loss", "training loss (noisy labels)",
-                       f"Training loss per epoch ({args.section}; mean ± std over seeds)",
-                       out / f"{args.prefix}train_loss.png"),
+                       f"Training loss per epoch ({section}; mean ± std over seeds)",
+                       out / f"{prefix}train_loss.png"),
         plot_per_epoch(section_dir, "sharpness", "SAM sharpness L(w+ε) − L(w), ρ = 0.05",
-                       f"SAM sharpness per epoch ({args.section}; fixed batch of 128)",
-                       out / f"{args.prefix}sharpness_per_epoch.png"),
-        *plot_noise_and_surfaces(section_dir, out, args.surface_steps, args.prefix),
+                       f"SAM sharpness per epoch ({section}; fixed batch of 128)",
+                       out / f"{prefix}sharpness_per_epoch.png"),
+        *plot_noise_and_surfaces(section_dir, out, surface_steps, prefix),
     ]  # fmt: skip
-    for path in paths:
-        print(path)
-    print(f"wall time {time.perf_counter() - started:.0f} s")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flatmin.bench.figures``."""
-    parser = argparse.ArgumentParser(prog="python -m flatmin.bench.figures")
-    parser.add_argument("--out", metavar="DIR", help="where the PNGs go (default: benchmarks)")
-    add_arguments(parser.add_argument_group("figure options"))
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

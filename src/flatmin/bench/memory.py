@@ -11,10 +11,8 @@ benchmark's synthetic data. The figure is how far the resident peak rose. A meth
 teacher, a logit store) plus what its step holds beyond SGD's step, including memory the
 allocator keeps from the first pass instead of reusing it in the second.
 
-The figure includes what the allocator keeps rather than hands back: on a CIFAR ResNet-18,
-batch 2, SAM's measured extra was 1.2–2.2× the weights in repeated runs (its counted copy
-of ``w`` is 1×): single figures differ by ±20 MB, and differences of that size are
-noise. SAF's float16 store is allocated zeroed, and only the rows written become
+The figure includes what the allocator keeps rather than hands back, so repeated
+measurements differ (``benchmarks/RESULTS.md`` says by how much). SAF's float16 store is allocated zeroed, and only the rows written become
 resident, so on the synthetic set (``steps × batch`` samples) the measured figure is the
 part in use, the counted one the full store. ``flatmin bench speed --measure-memory``
 prints it next to the extra memory counted from tensor sizes.
@@ -24,17 +22,18 @@ prints it next to the extra memory counted from tensor sizes.
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import subprocess
 import sys
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from torch import nn
+import torch
+from torch import nn
 
-    from flatmin.bench.speed import SpeedCase
+from flatmin.bench.workload import MethodRunner, SpeedCase
+from flatmin.train.models import build_model
 
 
 def peak_rss_bytes(case: SpeedCase, method: str, blocks: int = 2, repeats: int = 1) -> int:
@@ -69,11 +68,6 @@ def _child(case_json: str, method: str, blocks: int) -> int:
     """Bytes by which training ``method`` raised this process's resident peak above its
     resident size once the model was built (Linux: ``VmHWM`` reset through
     ``/proc/self/clear_refs``; elsewhere the whole process's ``ru_maxrss``)."""
-    import torch
-
-    from flatmin.bench.speed import MethodRunner, SpeedCase
-    from flatmin.train.models import build_model
-
     torch.set_num_threads(1)
     fields = json.loads(case_json)
     fields["input_shape"] = tuple(fields["input_shape"])
@@ -92,10 +86,6 @@ def _warm_up(model: nn.Module, case: SpeedCase) -> None:
     """One forward/backward of a throwaway copy at the case's batch size, so that lazily
     initialised kernels, thread pools and allocator arenas (~200 MB for a small CNN) are
     in the baseline and not in any method's figure."""
-    import copy
-
-    import torch
-
     warm = copy.deepcopy(model).train()
     x = torch.randn((case.batch_size, *case.input_shape))
     torch.nn.functional.cross_entropy(

@@ -1,10 +1,10 @@
 """``flatmin bench speed``: training throughput of every registered method relative to SGD.
 
 For each model (a CIFAR-size ResNet-18 on 3×32×32 inputs, the 28×28 BatchNorm CNN and the
-MNIST-1D CNN; synthetic inputs and labels — speed does not depend on the values) every
-registered method gets its own copy of the same initial weights and its own optimizer,
-built through the method registry exactly as ``flatmin train`` builds it, and each
-training step is ``method.train_step(...)``, the trainer's step. The methods are timed
+MNIST-1D CNN; :mod:`flatmin.bench.workload`) every registered method gets its own copy
+of the same initial weights and its own optimizer, built through the method registry
+exactly as ``flatmin train`` builds it, and each training step is
+``method.train_step(...)``, the trainer's step. The methods are timed
 *interleaved in one process*: round 1 runs one block of every method (A B C …), round 2
 again, …, so a change in machine load hits all methods alike. A block is one "epoch" of
 ``steps`` steps over a synthetic set of ``steps × batch`` samples; the first round is a
@@ -34,22 +34,24 @@ SGD) to the output, to see where a method's extra time goes.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
-DESCRIPTION = "images/s of every registered method relative to SGD, interleaved in one process"
+from flatmin._checks import check_int
+from flatmin.bench.memory import peak_rss_bytes
+from flatmin.bench.stats import median
+from flatmin.bench.workload import CASES, MethodRunner, SpeedCase
+from flatmin.train.models import build_model
+from flatmin.train.registry import METHODS
 
 # The SAF paper's throughput as a share of the base optimizer's (ImageNet ResNet-50 /
 # ViT-S/32 for LookSAM; REFERENCE.md), and issue 8's targets for ours.
@@ -62,28 +64,6 @@ PAPER_RATIO = {
     "mesa": 0.852,
 }
 TARGET_RATIO = {"saf": 0.99, "mesa": 0.87, "sam": 0.495, "looksam": 0.80, "esam": 0.60}
-
-
-@dataclass(frozen=True)
-class SpeedCase:
-    """A model on synthetic data: ``num_samples`` is the real dataset's size (it sizes
-    SAF's store); a timed block is ``steps`` steps of ``batch_size``."""
-
-    name: str
-    model: str
-    input_shape: tuple[int, ...]
-    num_classes: int
-    num_samples: int
-    batch_size: int
-    steps: int
-    channels_last_inputs: bool = False  # 4-D batches in channels_last, weights as built
-
-
-CASES = {
-    "resnet18": SpeedCase("resnet18-cifar", "resnet18", (3, 32, 32), 10, 50_000, 32, 5),
-    "cnn": SpeedCase("cnn-28x28", "cnn", (1, 28, 28), 10, 60_000, 128, 10),
-    "cnn1d": SpeedCase("cnn1d-mnist1d", "cnn1d", (1, 40), 10, 4_000, 128, 20),
-}
 
 
 @dataclass
@@ -103,59 +83,6 @@ class SpeedRow:
     measured_extra_bytes: int | None = None  # peak RSS minus SGD's (flatmin.bench.memory)
 
 
-class MethodRunner:
-    """One method training its own copy of the model, a block (epoch) at a time."""
-
-    def __init__(self, case: SpeedCase, method_name: str, base_model: nn.Module) -> None:
-        from flatmin.train.registry import MethodContext, get_method
-
-        spec = get_method(method_name)
-        self.name = method_name
-        self.case = case
-        self.model = copy.deepcopy(base_model).train()
-        given = {
-            h.name: 0
-            for h in spec.hyperparameters
-            if h.name == "start_epoch"  # SAF/MESA: the term is on in every timed block
-        }
-        context = MethodContext(num_samples=case.num_samples, num_classes=case.num_classes)
-        self.method = spec.create(self.model, given, context)
-        self.criterion = nn.CrossEntropyLoss(reduction="none")  # per sample, as the trainer
-        generator = torch.Generator().manual_seed(0)
-        n = case.steps * case.batch_size
-        self.x = torch.randn((n, *case.input_shape), generator=generator)
-        self.y = torch.randint(0, case.num_classes, (n,), generator=generator)
-        if case.channels_last_inputs and self.x.dim() == 4:
-            self.x = self.x.contiguous(memory_format=torch.channels_last)
-        self.epoch = 0
-        lag = int(spec.resolve(given).get("lag_epochs", 0))
-        for _ in range(lag):  # fill SAF's store so that timed steps find their targets
-            self.block()
-
-    def block(self) -> tuple[float, float]:
-        """One epoch over the synthetic set; returns images per wall second and per
-        process-CPU second."""
-        self.method.set_epoch(self.epoch)
-        b = self.case.batch_size
-        started, cpu_started = time.perf_counter(), time.process_time()
-        for step in range(self.case.steps):
-            index = torch.arange(step * b, (step + 1) * b)
-            self.method.train_step(self.model, self.x[index], self.y[index], index, self.criterion)
-        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-        self.epoch += 1
-        images = self.case.steps * b
-        return images / elapsed, images / max(cpu, 1e-9)
-
-    def extra_memory_bytes(self) -> int:
-        return int(self.method.extra_memory_bytes(self.model))
-
-
-def _median(values: Sequence[float]) -> float:
-    from flatmin.bench.stats import median
-
-    return median(values)
-
-
 def measure_case(
     case: SpeedCase,
     methods: Sequence[str],
@@ -164,8 +91,6 @@ def measure_case(
 ) -> list[SpeedRow]:
     """Time ``methods`` (``"sgd"`` first) interleaved: one warm-up round, then ``repeats``
     counted rounds. Returns one row per method."""
-    from flatmin.train.models import build_model
-
     if "sgd" not in methods:
         raise ValueError("the speed benchmark needs 'sgd' among the methods (it is the baseline)")
     if repeats < 1:
@@ -195,7 +120,7 @@ def measure_case(
             SpeedRow(
                 case=case.name,
                 method=name,
-                images_per_s=_median(walls[name]),
+                images_per_s=median(walls[name]),
                 median_round_ratio=_round_ratio(walls[name], walls["sgd"]),
                 best_block_ratio=max(walls[name]) / max(walls["sgd"]),
                 cpu_round_ratio=_round_ratio(cpus[name], cpus["sgd"]),
@@ -211,24 +136,18 @@ def measure_case(
 def measure_memory(case: SpeedCase, rows: Sequence[SpeedRow]) -> None:
     """Fill each row's ``measured_extra_bytes``: its method's peak resident memory in a
     process of its own (median of three processes), minus SGD's (:mod:`flatmin.bench.memory`)."""
-    from flatmin.bench.memory import peak_rss_bytes
-
     peaks = {r.method: peak_rss_bytes(case, r.method, repeats=3) for r in rows}
     for r in rows:
         r.measured_extra_bytes = peaks[r.method] - peaks["sgd"]
 
 
 def _round_ratio(own: Sequence[float], sgd: Sequence[float]) -> float:
-    return _median([a / b for a, b in zip(own, sgd, strict=True)])
+    return median([a / b for a, b in zip(own, sgd, strict=True)])
 
 
 def profile_block(case: SpeedCase, method: str, rows: int = 15) -> str:
     """torch.profiler's table (top ``rows`` ops by self CPU time) of one block of
     ``method`` after a warm-up block."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from flatmin.train.models import build_model
-
     torch.manual_seed(0)
     runner = MethodRunner(case, method, build_model(case.model, case.num_classes, case.input_shape))
     runner.block()
@@ -267,10 +186,6 @@ def format_table(rows: Sequence[SpeedRow]) -> str:
     return "\n".join(lines)
 
 
-def _flush_print(line: str) -> None:
-    print(line, flush=True)
-
-
 def machine() -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
@@ -282,67 +197,50 @@ def machine() -> dict[str, Any]:
     }
 
 
-def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--models",
-        nargs="+",
-        choices=sorted(CASES),
-        default=["resnet18", "cnn", "cnn1d"],
-        help="models to time (default: all three)",
-    )
-    group.add_argument(
-        "--methods", nargs="+", metavar="NAME", help="methods to time (default: every registered)"
-    )
-    group.add_argument(
-        "--repeats", type=int, default=5, help="counted interleaved rounds (default: 5)"
-    )
-    group.add_argument("--steps", type=int, help="steps per block (default: per model)")
-    group.add_argument("--batch-size", type=int, help="batch size (default: per model)")
-    group.add_argument("--profile", metavar="METHOD", help="also profile one block of METHOD")
-    group.add_argument(
-        "--channels-last-inputs",
-        action="store_true",
-        help="image batches in channels_last (weights stay as built, NCHW): on the CPUs "
-        "measured here the faster layout for SGD's own step on the 2-D models",
-    )
-    group.add_argument(
-        "--measure-memory",
-        action="store_true",
-        help="also measure each method's peak resident memory over SGD's, one process per "
-        "method and model (flatmin.bench.memory)",
-    )
+def run_speed(
+    models: Sequence[str],
+    methods: Sequence[str] | None = None,
+    *,
+    repeats: int = 5,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    profile_method: str | None = None,
+    channels_last_inputs: bool = False,
+    measure_peak_memory: bool = False,
+    command: str = "flatmin bench speed",
+    log: Callable[[str], None] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Time ``methods`` (default: every registered one; SGD always) on the ``models`` of
+    :data:`~flatmin.bench.workload.CASES`; returns the report's text and its data.
 
-
-def run(args: argparse.Namespace) -> int:
-    from flatmin.train.registry import METHODS
-
-    torch.set_num_threads(args.threads)
-    methods = list(args.methods or METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
+    ``steps``/``batch_size`` override each case's block; ``ValueError`` for an unknown
+    name or a count below 1.
+    """
+    check_int("repeats", repeats, minimum=1)
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if value is not None:
+            check_int(name, value, minimum=1)
+    unknown = sorted(set(models) - set(CASES)) + sorted(set(methods or ()) - set(METHODS))
     if unknown:
-        print(f"flatmin bench speed: error: unknown methods {unknown}", file=sys.stderr)
-        return 2
-    methods = ["sgd", *[m for m in methods if m != "sgd"]]
-    command = " ".join(getattr(args, "argv", None) or ["flatmin", *sys.argv[1:]])
+        raise ValueError(f"unknown models or methods {unknown}")
+    chosen = list(methods or METHODS)
+    chosen = ["sgd", *[m for m in chosen if m != "sgd"]]
     info = machine()
     started = time.perf_counter()
     rows: list[SpeedRow] = []
     profiles: dict[str, str] = {}
-    for key in args.models:
-        case = CASES[key]
-        overrides = {
-            k: v
-            for k, v in (("steps", args.steps), ("batch_size", args.batch_size))
-            if v is not None
-        }
-        overrides["channels_last_inputs"] = bool(getattr(args, "channels_last_inputs", False))
-        case = SpeedCase(**{**asdict(case), **overrides})
-        case_rows = measure_case(case, methods, args.repeats, log=_flush_print)
-        if getattr(args, "measure_memory", False):
+    cases = []
+    for key in models:
+        overrides = {k: v for k, v in (("steps", steps), ("batch_size", batch_size))
+                     if v is not None}  # fmt: skip
+        case = replace(CASES[key], channels_last_inputs=channels_last_inputs, **overrides)
+        cases.append(case)
+        case_rows = measure_case(case, chosen, repeats, log=log)
+        if measure_peak_memory:
             measure_memory(case, case_rows)
         rows += case_rows
-        if args.profile:
-            for name in ("sgd", args.profile):
+        if profile_method:
+            for name in ("sgd", profile_method):
                 profiles[f"{case.name}/{name}"] = profile_block(case, name)
     wall = time.perf_counter() - started
     info["loadavg_end"] = os.getloadavg()
@@ -352,56 +250,26 @@ def run(args: argparse.Namespace) -> int:
             f"# machine: {info['cpu_count']} cores, torch threads {info['torch_threads']}, "
             f"torch {info['torch']}, load average at start {info['loadavg_start']}, "
             f"at end {info['loadavg_end']}; wall time {wall:.0f} s",
-            f"# {args.repeats} counted rounds after a warm-up round; image batches "
-            f"{'channels_last' if overrides['channels_last_inputs'] else 'NCHW'}; "
-            "block = steps × batch: "
-            + ", ".join(
-                f"{c.name} {args.steps or c.steps}×{args.batch_size or c.batch_size}"
-                for k, c in CASES.items()
-                if k in args.models
-            ),
+            f"# {repeats} counted rounds after a warm-up round; image batches "
+            f"{'channels_last' if channels_last_inputs else 'NCHW'}; block = steps × batch: "
+            + ", ".join(f"{c.name} {c.steps}×{c.batch_size}" for c in cases),
             "",
             format_table(rows),
             "",
             "Counted extra memory: from tensor sizes (Method.extra_memory_bytes). Measured: "
             "peak resident memory of a process training the method minus SGD's "
-            "(--measure-memory, median of 3 processes; repeated figures differ by up to "
-            "~20 MiB, the allocator's doing).",
+            "(--measure-memory, median of 3 processes).",
             *[f"\n## profile {name}\n{table}" for name, table in profiles.items()],
         ]
     )
-    print(text)
-    out = Path(args.out or "benchmarks/results")
+    data = {"command": command, "machine": info, "wall_time": wall,
+            "rows": [asdict(r) for r in rows]}  # fmt: skip
+    return text, data
+
+
+def write_speed(out: Path, text: str, data: dict[str, Any], stem: str) -> Path:
+    """``OUT/STEM.txt`` and ``OUT/STEM.json``; returns the text file's path."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"speed_{'-'.join(args.models)}_t{args.threads}"
-    if overrides["channels_last_inputs"]:
-        stem += "_cl"
     (out / f"{stem}.txt").write_text(text + "\n")
-    (out / f"{stem}.json").write_text(
-        json.dumps(
-            {
-                "command": command,
-                "machine": info,
-                "wall_time": wall,
-                "rows": [asdict(r) for r in rows],
-            },
-            indent=1,
-        )
-    )
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flatmin.bench.speed``: the same as ``flatmin bench`` with this mode."""
-    parser = argparse.ArgumentParser(prog="python -m flatmin.bench.speed")
-    parser.add_argument("--out", metavar="DIR", help="results directory (benchmarks/results)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    add_arguments(parser.add_argument_group("speed options"))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.argv = ["python -m flatmin.bench.speed", *argv]
-    return run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
+    return out / f"{stem}.txt"

@@ -7,8 +7,8 @@
 * :mod:`~flatmin.distributed.mesa` — MESA with a teacher identical on every process.
 * :mod:`~flatmin.distributed.collectives` — gradient and statistics averaging, metric
   reduction, replica checks; :mod:`~flatmin.distributed.checkpoint` — rank-0 checkpoints.
-* :mod:`~flatmin.distributed.launch` — N local gloo processes; :mod:`~flatmin.distributed.train`
-  — the reference trainer on N processes (``python -m flatmin.distributed.train --nproc N``).
+* :mod:`~flatmin.distributed.launch` — N local gloo processes (the reference trainer on
+  N processes, ``flatmin train --nproc N``, is :mod:`flatmin.train.ddp`).
 
 A loop of your own, on each process (``torchrun --nproc-per-node N script.py``)::
 

@@ -3,17 +3,34 @@
 Used by the tests and by ``flatmin train --nproc N``. Each child gets the environment
 that ``torchrun`` would give it (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``), joins the process group, runs ``fn(rank, world_size,
-*args)`` and leaves the group. Under ``torchrun`` use :func:`init_from_env` instead::
+*args)``, waits at a barrier for the others and leaves the group. A child whose parent
+dies (even by SIGKILL, which the parent cannot pass on) is killed too. Under
+``torchrun`` use :func:`init_from_env` instead::
 
     torchrun --nproc-per-node 2 my_script.py      # my_script calls init_from_env()
+
+Example::
+
+    def work(rank, world_size, out):               # at module level: it is pickled
+        torch.save(reduce_metrics({"rank": rank}), f"{out}/{rank}.pt")
+
+    spawn(work, 2, "results")                      # both files hold {"rank": 0.5}
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import pickle
+import signal
 import socket
+import sys
+import tempfile
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,21 +59,31 @@ def spawn(
 
     ``fn`` and ``args`` must be picklable (``fn`` defined at module level), as the
     processes are started with the ``spawn`` method. Blocks until every process has
-    finished; an exception in any of them is raised here (``ProcessRaisedException``).
-    Results travel through files, e.g. ``torch.save`` in ``fn``.
+    finished. An exception in a process is raised here as itself when it can be pickled
+    (e.g. a ``ValueError`` with its message), chained to torch's
+    ``ProcessRaisedException`` that holds the process's traceback; otherwise that
+    ``ProcessRaisedException``. Results travel through files, e.g. ``torch.save`` in ``fn``.
     """
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"expected nprocs to be a positive int, got {nprocs!r}")
     if not callable(fn):
         raise TypeError(f"expected a callable fn(rank, world_size, *args), got {fn!r}")
     port = free_port()
-    mp.start_processes(
-        _run_in_group,
-        args=(fn, nprocs, port, backend, timeout, threads_per_process, args),
-        nprocs=nprocs,
-        join=True,
-        start_method="spawn",
-    )
+    with tempfile.TemporaryDirectory(prefix="flatmin-spawn-") as errors:
+        try:
+            mp.start_processes(
+                _run_in_group,
+                args=(fn, nprocs, port, backend, timeout, threads_per_process, args,
+                      errors, os.getpid()),
+                nprocs=nprocs,
+                join=True,
+                start_method="spawn",
+            )  # fmt: skip
+        except mp.ProcessRaisedException as failure:
+            original = _first_error(Path(errors))
+            if original is None:
+                raise
+            raise original from failure
 
 
 def _run_in_group(
@@ -68,7 +95,10 @@ def _run_in_group(
     timeout: timedelta,
     threads: int,
     args: tuple[Any, ...],
+    errors: str,
+    parent: int,
 ) -> None:
+    _die_with_parent(parent)
     os.environ.update(
         MASTER_ADDR=LOCALHOST,
         MASTER_PORT=str(port),
@@ -80,8 +110,64 @@ def _run_in_group(
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     try:
         fn(rank, world_size, *args)
+        # Without it, a rank that finished first tears its connections down while the
+        # others still use them (gloo then aborts: "terminate called without an active
+        # exception").
+        dist.barrier()
+    except BaseException as error:
+        _write_error(Path(errors) / str(rank), error)  # before the group goes down
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _write_error(path: Path, error: BaseException) -> None:
+    """Keep ``error`` for the parent, if it survives a pickle round trip."""
+    try:
+        data = pickle.dumps(error.with_traceback(None))
+        pickle.loads(data)
+    except Exception:
+        return
+    path.write_bytes(data)
+
+
+def _first_error(errors: Path) -> BaseException | None:
+    """The exception that was kept first: the cause, when a process's failure made the
+    others fail too (their collectives lose their peer)."""
+    for path in sorted(errors.iterdir(), key=lambda p: p.stat().st_mtime_ns):
+        try:
+            error = pickle.loads(path.read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError):
+            continue
+        if isinstance(error, BaseException):
+            return error
+    return None
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have this process killed when ``parent`` dies: the kernel's parent-death signal
+    on Linux (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), a thread that polls the parent's
+    pid elsewhere. A parent that died before this call is noticed at once."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int, interval: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def init_from_env(backend: str = "gloo") -> tuple[int, int]:

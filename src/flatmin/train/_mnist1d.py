@@ -13,6 +13,7 @@ import json
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +66,8 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path) as npz:
             arrays = {k: npz[k] for k in _KEYS}
-    except (OSError, KeyError, ValueError):
-        return None
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+        return None  # truncated, corrupted or not ours: generate it again
     if arrays["x"].shape != (4000, 40) or arrays["x_test"].shape != (1000, 40):
         return None
     return arrays

@@ -9,7 +9,7 @@ the rename) leaves the previous complete version of each file, never a torn one.
 
 The checkpoint is a ``torch.save``'d dict with the keys in :data:`CHECKPOINT_KEYS`. It
 holds only tensors and plain Python values, so ``torch.load(path)`` with the default
-``weights_only=True`` reads it:
+``weights_only=True`` reads it; :func:`load_checkpoint` also checks it:
 
 - ``"model"``: the model's ``state_dict``;
 - ``"config"``: the flat run configuration (``"method"``, ``"model"``, ``"dataset"``,
@@ -17,13 +17,20 @@ holds only tensors and plain Python values, so ``torch.load(path)`` with the def
 - ``"optimizer"``, ``"scheduler"``: their ``state_dict`` (a SAM-family optimizer nests
   its base optimizer's state);
 - ``"method_state"``: the loss terms' state (SAF's logit store, MESA's teacher);
-- ``"rng"``: the torch, numpy and Python generators and the data loader's generator;
+- ``"rng"``: the global torch, numpy and Python generators;
 - ``"epoch"``: how many epochs are complete;
-- ``"metrics"``: the per-epoch records so far (the metrics file is rebuilt from them).
+- ``"metrics"``: the per-epoch records so far (the metrics file is rebuilt from them);
+- ``"world_size"``: how many processes trained it (a run resumes on as many);
+- ``"checksum"``: the SHA-256 of every other entry (:func:`state_checksum`), so a file
+  whose bytes changed after it was written is refused instead of resumed.
+
+:func:`load_run` rebuilds a run's model (weights loaded) and its data from a run
+directory or a checkpoint file, for anything that measures a trained model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,11 +39,17 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from flatmin.train.config import TrainConfig, resume_conflicts
+from flatmin.train.data import DatasetBundle
+from flatmin.train.models import build_model
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -50,7 +63,12 @@ CHECKPOINT_KEYS = (
     "rng",
     "epoch",
     "metrics",
+    "world_size",
 )
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a flatmin checkpoint (unreadable, foreign, corrupted)."""
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -90,24 +108,102 @@ def interrupts_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def state_checksum(state: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) over the entries of ``state`` other than ``"checksum"``: every key,
+    every tensor's dtype, shape and bytes, and every plain value, in order."""
+    digest = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if torch.is_tensor(obj):
+            t = obj.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(obj, Mapping):
+            digest.update(f"D{len(obj)}".encode())
+            for key, value in obj.items():
+                digest.update(f"K{key!r}".encode())
+                feed(value)
+        elif isinstance(obj, (list, tuple)):
+            digest.update(f"L{len(obj)}".encode())
+            for value in obj:
+                feed(value)
+        else:
+            digest.update(f"V{obj!r}".encode())
+
+    feed({k: v for k, v in state.items() if k != "checksum"})
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, checkpoint: Mapping[str, Any]) -> None:
-    """Atomically ``torch.save`` a checkpoint dict that has exactly :data:`CHECKPOINT_KEYS`."""
+    """Atomically ``torch.save`` a checkpoint that has :data:`CHECKPOINT_KEYS`, with its
+    checksum added."""
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint lacks keys {missing}")
-    atomic_write(path, lambda f: torch.save(dict(checkpoint), f))
+    state = {k: v for k, v in checkpoint.items() if k != "checksum"}
+    state["checksum"] = state_checksum(state)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU (``weights_only=True``) and check its keys."""
+    """Load a checkpoint onto the CPU (``weights_only=True``) and check its keys and checksum.
+
+    ``FileNotFoundError`` if there is no file; :class:`CheckpointError` (a ``ValueError``
+    with a one-line message) for a truncated, corrupted or foreign file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
-    if not isinstance(checkpoint, dict) or missing:
-        raise ValueError(f"{path} is not a flatmin checkpoint (missing keys {missing})")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds; none is the user's bug
+        raise CheckpointError(
+            f"{path} cannot be read as a checkpoint ({type(error).__name__}): the file is "
+            "truncated, corrupted or not a flatmin checkpoint"
+        ) from None
+    expected = (*CHECKPOINT_KEYS, "checksum")
+    missing = [k for k in expected if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a flatmin checkpoint (missing {', '.join(missing)}); "
+            "flatmin train writes one after every epoch"
+        )
+    if state_checksum(checkpoint) != checkpoint["checksum"]:
+        raise CheckpointError(
+            f"{path} is corrupted: its contents do not match the checksum stored with it "
+            "(the file changed after it was written); it cannot be used"
+        )
     return checkpoint
+
+
+def resume_state(
+    out_dir: Path, config: Mapping[str, Any], *, resume: bool, world_size: int = 1
+) -> dict[str, Any] | None:
+    """The checkpoint a run configured as ``config`` (flat, :meth:`TrainConfig.to_dict`)
+    continues from ``out_dir``; ``None`` for a new run.
+
+    ``ValueError`` when a new run would overwrite a checkpoint, or when the checkpoint
+    was written with other settings or by another number of processes.
+    """
+    path = Path(out_dir) / CHECKPOINT_NAME
+    if not resume:
+        if path.exists():
+            raise ValueError(
+                f"{out_dir} already holds a run ({CHECKPOINT_NAME}); continue it with "
+                "--resume or choose another --out"
+            )
+        return None
+    state = load_checkpoint(path)
+    reasons = resume_conflicts(state["config"], config)
+    if state["world_size"] != world_size:
+        reasons.append(
+            f"the checkpoint was written by {state['world_size']} process(es) "
+            f"(--nproc {state['world_size']}), not {world_size}: the per-process batches "
+            "and perturbations would differ"
+        )
+    if reasons:
+        raise ValueError(f"cannot resume {out_dir}: " + "; ".join(reasons))
+    return state
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -128,8 +224,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def rng_state(loader_generator: torch.Generator | None) -> dict[str, Any]:
-    """Every random generator the training loop draws from, as tensors and plain values."""
+def rng_state() -> dict[str, Any]:
+    """The global random generators (torch, numpy, Python) as tensors and plain values.
+
+    The data order needs none of them: it is a function of the seed and the epoch
+    (:func:`flatmin.train.data.set_loader_epoch`)."""
     # The legacy global generator is saved because user code and libraries draw from it.
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
     return {
@@ -142,11 +241,10 @@ def rng_state(loader_generator: torch.Generator | None) -> dict[str, Any]:
             "cached_gaussian": float(cached),
         },
         "python": _to_lists(random.getstate()),
-        "loader": None if loader_generator is None else loader_generator.get_state(),
     }
 
 
-def set_rng_state(state: Mapping[str, Any], loader_generator: torch.Generator | None) -> None:
+def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what :func:`rng_state` saved."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
@@ -160,8 +258,6 @@ def set_rng_state(state: Mapping[str, Any], loader_generator: torch.Generator | 
         )
     )
     random.setstate(_to_tuples(state["python"]))
-    if loader_generator is not None and state["loader"] is not None:
-        loader_generator.set_state(state["loader"])
 
 
 def _to_lists(obj: Any) -> Any:
@@ -170,3 +266,40 @@ def _to_lists(obj: Any) -> Any:
 
 def _to_tuples(obj: Any) -> Any:
     return tuple(_to_tuples(v) for v in obj) if isinstance(obj, (tuple, list)) else obj
+
+
+@dataclass
+class LoadedRun:
+    """A trained run rebuilt from its checkpoint: ``model`` holds the saved weights (in
+    eval mode) and ``data`` the datasets exactly as training split and noised them."""
+
+    config: TrainConfig
+    model: nn.Module
+    data: DatasetBundle
+    checkpoint: dict[str, Any]
+
+
+def load_run(path: str | Path, *, data_dir: str | None = None) -> LoadedRun:
+    """The model and data of a run directory (or of its checkpoint file ``path``).
+
+    ``data_dir`` overrides where the dataset is read from. Training augmentation is off:
+    the data are what the model was trained on, not random crops of it. Errors as
+    :func:`load_checkpoint`, plus a :class:`CheckpointError` when the weights do not fit
+    the model the checkpoint's configuration names.
+    """
+    path = Path(path)
+    checkpoint_path = path / CHECKPOINT_NAME if path.is_dir() else path
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = TrainConfig.from_dict(checkpoint["config"])
+    if data_dir is not None:
+        config = replace(config, data_dir=data_dir)
+    data = config.load_data(augment=False)
+    model = build_model(config.model, data.num_classes, data.input_shape)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise CheckpointError(
+            f"{checkpoint_path}: the saved weights do not fit the model {config.model!r} "
+            f"for {config.dataset} that its configuration names"
+        ) from None
+    return LoadedRun(config, model.eval(), data, checkpoint)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from flatmin._checks import check_int, check_real
 from flatmin.train._cifar import CIFAR_LAYOUTS, read_cifar
 from flatmin.train._idx import read_idx
 from flatmin.train._mnist1d import default_cache_dir, load_mnist1d
@@ -252,16 +253,12 @@ def _read(name: str, data_dir: str | Path | None) -> _Raw:
 
 
 def _check_args(seed: int, label_noise: float, val_fraction: float, subset: int | None) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if not 0.0 <= label_noise < 1.0:
-        raise ValueError(f"label_noise must be a fraction in [0, 1), got {label_noise!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be a fraction in [0, 1), got {val_fraction!r}")
-    if subset is not None and (
-        isinstance(subset, bool) or not isinstance(subset, int) or subset < 1
-    ):
-        raise ValueError(f"subset must be a positive int or None, got {subset!r}")
+    check_int("seed", seed, minimum=0)
+    for name, value in (("label_noise", label_noise), ("val_fraction", val_fraction)):
+        check_real(name, value, minimum=0.0, maximum=1.0, exclusive_maximum=True,
+                   hint="a fraction")  # fmt: skip
+    if subset is not None:
+        check_int("subset", subset, minimum=1)
 
 
 def load_dataset(
@@ -371,14 +368,17 @@ def make_loader(
     num_workers: int = 0,
     drop_last: bool = False,
 ) -> DataLoader:
-    """A ``DataLoader`` whose shuffling (and worker seeding) comes from its own
-    ``torch.Generator`` seeded with ``seed``: the order is reproducible and independent of
-    the global RNG. ``loader.generator.get_state()`` is what a checkpoint saves to resume
-    mid-run. ``num_workers=0`` is the fastest choice for the in-memory datasets here."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be ≥ 0, got {num_workers!r}")
+    """A ``DataLoader`` whose shuffling and worker seeds come from its own
+    ``torch.Generator`` (seeded with ``seed``), not from the global RNG.
+
+    Call :func:`set_loader_epoch` before each epoch to make the epoch's order and its
+    workers' seeds a function of ``(seed, epoch)`` alone, which is what lets a resumed
+    run draw exactly what the uninterrupted run drew. Workers are started anew each
+    epoch (not persistent: a persistent worker would keep the seed of the epoch it was
+    started in). ``num_workers=0`` is the fastest choice for the in-memory datasets here.
+    """
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("num_workers", num_workers, minimum=0)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -386,5 +386,19 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
         drop_last=drop_last,
-        persistent_workers=num_workers > 0,
     )
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 64-bit seed derived from ``(seed, epoch)`` (numpy's ``SeedSequence``)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
+
+
+def set_loader_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Reseed ``loader`` for ``epoch``: its generator (which draws the shuffled order and
+    the workers' base seed) from :func:`epoch_seed`, and a sampler with ``set_epoch``
+    (``DistributedSampler``) with the epoch."""
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed(seed, epoch))
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)

@@ -1,18 +1,24 @@
 """The reference training loop: any registered method, any dataset, resumable bit-exactly.
 
-:class:`Trainer` builds a run from a :class:`TrainConfig` — data, model, the method from
-the registry, a learning-rate schedule — and trains it epoch by epoch. After every epoch
-it evaluates on the test set (and the validation split, if any), appends a record to the
-metrics, and atomically rewrites the checkpoint, ``metrics.jsonl`` and ``config.json``
-in the run directory (see :mod:`flatmin.train.checkpoint`). An interrupted run therefore
-leaves the files of its last complete epoch, and ``Trainer.run(resume=True)`` continues
-from them exactly as if it had never stopped: the checkpoint holds the model, optimizer
-(a SAM-family optimizer's base state included), scheduler, the method's loss-term state
-and every random generator the loop draws from.
+:class:`Trainer` builds a run from a :class:`~flatmin.train.config.TrainConfig` — data,
+model, the method from the registry, a learning-rate schedule — and trains it epoch by
+epoch. After every epoch it evaluates on the test set (and the validation split, if
+any), appends a record to the metrics, and atomically rewrites the checkpoint,
+``metrics.jsonl`` and ``config.json`` in the run directory (see
+:mod:`flatmin.train.checkpoint`), which it holds locked for the whole run
+(:mod:`flatmin.train.lock`). An interrupted run therefore leaves the files of its last
+complete epoch, and ``Trainer.run(resume=True)`` continues from them exactly as if it
+had never stopped: the checkpoint holds the model, optimizer (a SAM-family optimizer's
+base state included), scheduler, the method's loss-term state and the global random
+generators, and each epoch's data order (and data-loader worker seeds) is a function of
+the seed and the epoch alone.
 
 The loop has no per-method branches: each step is ``method.train_step(...)`` and each
 epoch starts with ``method.set_epoch(epoch)`` (epochs are 0-based there, as in the SAF
-code; the records count completed epochs from 1).
+code; the records count completed epochs from 1). A subclass changes where the loop
+runs through four hooks — :meth:`Trainer.wrap_model`, :meth:`Trainer.make_train_loader`,
+:meth:`Trainer.reduce_record` and :attr:`Trainer.is_writer` — as the DDP trainer
+(:mod:`flatmin.train.ddp`) does.
 
 A run whose weights stop being finite (NaN or inf after an epoch) has diverged: that
 epoch's record is written with ``"diverged": true``, the checkpoint keeps the last epoch
@@ -21,202 +27,29 @@ whose weights were finite, and training stops.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from flatmin.data import WithIndex
+from flatmin.measure import sam_sharpness
 from flatmin.train import checkpoint as ckpt
-from flatmin.train.registry import Method, MethodContext, get_method
-
-DEFAULT_MODELS = {
-    "mnist1d": "cnn1d",
-    "digits": "mlp",
-    "fashion-mnist": "cnn",
-    "cifar10": "resnet18",
-    "cifar100": "resnet18",
-}
-SCHEDULES = ("cosine", "step", "constant")
-# Keys of the configuration that may differ when a run is resumed: they change how the
-# run is executed or reported, not what it computes.
-RUN_CONTROL_KEYS = ("threads",)
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (``hyperparameters`` are the method's own)."""
-
-    method: str = "sgd"
-    dataset: str = "mnist1d"
-    model: str | None = None  # None: DEFAULT_MODELS[dataset]
-    data_dir: str | None = None
-    epochs: int = 20
-    batch_size: int = 128
-    eval_batch_size: int = 1000
-    seed: int = 0
-    label_noise: float = 0.0
-    val_fraction: float = 0.0
-    augment: bool = True
-    subset: int | None = None
-    label_smoothing: float = 0.0
-    schedule: str = "cosine"
-    warmup_epochs: int = 0
-    step_milestones: tuple[float, ...] = (0.5, 0.75)
-    step_gamma: float = 0.1
-    num_workers: int = 0
-    track_sharpness: bool = False
-    sharpness_rho: float = 0.05
-    threads: int | None = None
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-
-    def resolved(self) -> TrainConfig:
-        """A checked copy with the model and every hyperparameter filled in."""
-        from flatmin.train.data import DATASETS
-        from flatmin.train.models import MODELS
-
-        spec = get_method(self.method)
-        if self.dataset not in DATASETS:
-            raise ValueError(
-                f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(DATASETS)}"
-            )
-        model = self.model if self.model is not None else DEFAULT_MODELS[self.dataset]
-        if model not in MODELS:
-            raise ValueError(f"unknown model {model!r}; valid models: {', '.join(MODELS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"unknown schedule {self.schedule!r}; valid schedules: {', '.join(SCHEDULES)}"
-            )
-        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _require(
-            self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"
-        )
-        _require(
-            0.0 <= self.label_smoothing < 1.0,
-            f"label_smoothing must be in [0, 1), got {self.label_smoothing}",
-        )
-        _require(
-            0 <= self.warmup_epochs < self.epochs,
-            f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}",
-        )
-        _require(
-            all(0.0 < m < 1.0 for m in self.step_milestones),
-            f"step_milestones are fractions of training in (0, 1), got {self.step_milestones}",
-        )
-        _require(self.threads is None or self.threads >= 1, f"threads must be >= 1: {self.threads}")
-        return dataclasses.replace(
-            self,
-            model=model,
-            step_milestones=tuple(float(m) for m in self.step_milestones),
-            hyperparameters=spec.resolve(self.hyperparameters),
-        )
-
-    def load_data(self, *, augment: bool | None = None) -> Any:
-        """The run's :class:`~flatmin.train.data.DatasetBundle`, split and noised exactly as
-        training sees it; ``augment`` overrides the configuration (``False`` to measure)."""
-        from flatmin.train.data import load_dataset
-
-        return load_dataset(
-            self.dataset,
-            self.data_dir,
-            seed=self.seed,
-            label_noise=self.label_noise,
-            val_fraction=self.val_fraction,
-            augment=self.augment if augment is None else augment,
-            subset=self.subset,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The flat form stored in checkpoints and ``config.json``: the method's
-        hyperparameters sit beside the run's own settings."""
-        flat = dataclasses.asdict(self)
-        hyperparameters = flat.pop("hyperparameters")
-        flat["step_milestones"] = list(flat["step_milestones"])
-        clash = set(flat) & set(hyperparameters)
-        if clash:
-            raise ValueError(f"hyperparameters {sorted(clash)} clash with run settings")
-        return {**flat, **hyperparameters, "hyperparameter_names": sorted(hyperparameters)}
-
-    @classmethod
-    def from_dict(cls, flat: Mapping[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`."""
-        flat = dict(flat)
-        names = flat.pop("hyperparameter_names")
-        hyperparameters = {name: flat.pop(name) for name in names}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(flat) - known)
-        if unknown:
-            raise ValueError(f"unknown configuration keys {unknown}")
-        flat["step_milestones"] = tuple(flat["step_milestones"])
-        return cls(**flat, hyperparameters=hyperparameters)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def resume_conflicts(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
-    """Why a run configured as ``requested`` cannot continue a checkpoint of ``stored``.
-
-    Method, model and dataset get a sentence each; any other differing setting is listed,
-    since continuing with it would no longer be the run that was started.
-    """
-    reasons = []
-    for key in ("method", "model", "dataset"):
-        if stored.get(key) != requested.get(key):
-            reasons.append(
-                f"the checkpoint was trained with {key} {stored.get(key)!r}, "
-                f"not {requested.get(key)!r}"
-            )
-    others = sorted(
-        k
-        for k in set(stored) | set(requested)
-        if k not in ("method", "model", "dataset", *RUN_CONTROL_KEYS)
-        and stored.get(k) != requested.get(k)
-    )
-    if others and not reasons:
-        reasons.append(
-            "settings differ from the checkpoint's: "
-            + ", ".join(f"{k} {stored.get(k)!r} → {requested.get(k)!r}" for k in others)
-            + " (a resumed run keeps its settings; start a new --out to change them)"
-        )
-    return reasons
-
-
-def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """The schedule as a multiplier of the peak learning rate after ``step`` steps.
-
-    Linear warm-up over ``warmup_epochs``, then ``cosine``: ``½(1 + cos(π·t))`` with ``t``
-    the fraction of the post-warm-up steps done (Loshchilov & Hutter, SGDR, without
-    restarts); ``step``: ``step_gamma`` to the power of the number of ``step_milestones``
-    (fractions of all epochs) passed, counted in whole epochs; ``constant``: 1.
-    """
-    total = config.epochs * steps_per_epoch
-    warmup = config.warmup_epochs * steps_per_epoch
-    milestones = [round(m * config.epochs) * steps_per_epoch for m in config.step_milestones]
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if config.schedule == "cosine":
-            t = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-        if config.schedule == "step":
-            return config.step_gamma ** sum(step >= m for m in milestones)
-        return 1.0
-
-    return factor
+from flatmin.train.config import TrainConfig, lr_factor
+from flatmin.train.data import make_loader, set_loader_epoch
+from flatmin.train.lock import RunLock
+from flatmin.train.method import Method, MethodContext
+from flatmin.train.models import build_model
+from flatmin.train.registry import get_method
 
 
 @torch.no_grad()
@@ -262,7 +95,7 @@ class _Run:
     data_metadata: dict[str, Any]
     sharpness_batch: tuple[Tensor, Tensor] | None
 
-    def state(self, config: Mapping[str, Any], epoch: int, records: list) -> dict[str, Any]:
+    def state(self, config: Mapping[str, Any], epoch: int, records: list, world_size: int):
         """The checkpoint after ``epoch`` complete epochs (see :mod:`.checkpoint`)."""
         return {
             "model": self.model.state_dict(),
@@ -270,9 +103,10 @@ class _Run:
             "optimizer": self.method.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "method_state": self.method.state_dict(),
-            "rng": ckpt.rng_state(self.train_loader.generator),
+            "rng": ckpt.rng_state(),
             "epoch": epoch,
             "metrics": records,
+            "world_size": world_size,
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -281,7 +115,7 @@ class _Run:
         self.method.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method_state"])
-        ckpt.set_rng_state(state["rng"], self.train_loader.generator)
+        ckpt.set_rng_state(state["rng"])
 
 
 class Trainer:
@@ -291,12 +125,19 @@ class Trainer:
         config: the run's configuration (checked and completed here).
         out_dir: the run directory (created if needed).
         progress: show tqdm bars per epoch and per batch; ``None``: only on a terminal.
-        log: receives one summary line per epoch (``None``: silent).
         step_callbacks: called as ``f(epoch, step)`` after every optimizer step.
         epoch_callbacks: called as ``f(record)`` after every saved epoch.
+        lock: hold the run directory's lock during :meth:`run` (``False`` when the
+            caller holds it, e.g. the parent of several training processes).
 
     After :meth:`run`, ``trainer.model`` and ``trainer.method`` are the trained objects.
+
+    Example::
+
+        records = Trainer(TrainConfig(method="saf", dataset="digits"), "runs/x").run()
     """
+
+    world_size = 1  # processes that train together; recorded in the checkpoint
 
     def __init__(
         self,
@@ -304,18 +145,45 @@ class Trainer:
         out_dir: str | Path,
         *,
         progress: bool | None = None,
-        log: Callable[[str], None] | None = None,
         step_callbacks: Sequence[Callable[[int, int], None]] = (),
         epoch_callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+        lock: bool = True,
     ) -> None:
         self.config = config.resolved()
         self.out_dir = Path(out_dir)
         self.progress = progress
-        self.log = log
         self.step_callbacks = list(step_callbacks)
         self.epoch_callbacks = list(epoch_callbacks)
+        self.lock = lock
         self.model: nn.Module | None = None
         self.method: Method | None = None
+
+    # --- hooks -------------------------------------------------------------------------
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes the run files (one process of a group does)."""
+        return True
+
+    def wrap_model(self, model: nn.Module, method: Method) -> nn.Module:
+        """The module the training steps run through, built once the state is restored
+        (``DistributedDataParallel(model)`` in the DDP trainer, which also adapts
+        ``method``); evaluation and checkpoints use ``model`` itself."""
+        return model
+
+    def make_train_loader(self, dataset: Dataset) -> DataLoader:
+        """The training batches: ``(x, y, index)`` with the samples' dataset positions;
+        shuffled by a generator that :meth:`run` reseeds from (seed, epoch) each epoch."""
+        config = self.config
+        return make_loader(WithIndex(dataset), config.batch_size, shuffle=True,
+                           seed=config.seed, num_workers=config.num_workers)  # fmt: skip
+
+    def reduce_record(self, model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
+        """The epoch's training record as logged (e.g. averaged over processes); called
+        after the epoch's last step, before evaluation and saving."""
+        return record
+
+    # --- the run -----------------------------------------------------------------------
 
     @property
     def checkpoint_path(self) -> Path:
@@ -325,11 +193,22 @@ class Trainer:
         """Train until ``config.epochs`` (or ``stop_after`` epochs in total) are complete.
 
         ``resume=True`` continues the checkpoint in ``out_dir``; without it an existing
-        checkpoint there is an error (so no run is overwritten by accident). Returns the
-        metrics records of all completed epochs.
+        checkpoint there is an error (so no run is overwritten by accident). Another
+        process holding ``out_dir`` is an error too (:class:`~flatmin.train.lock.RunLocked`).
+        Returns the metrics records of all completed epochs.
         """
+        holding = self.lock and self.is_writer
+        with RunLock(self.out_dir) if holding else nullcontext():
+            return self._run(resume, stop_after)
+
+    def _run(self, resume: bool, stop_after: int | None) -> list[dict[str, Any]]:
+        from tqdm.auto import tqdm  # optional: the flatmin[train] extra
+
         config = self.config
-        state = self._checkpoint_to_resume(resume)
+        config_dict = config.to_dict()
+        state = ckpt.resume_state(
+            self.out_dir, config_dict, resume=resume, world_size=self.world_size
+        )
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         run = self._build()
@@ -339,12 +218,12 @@ class Trainer:
             run.restore(state)
             records, start_epoch = list(state["metrics"]), int(state["epoch"])
         self.model, self.method = run.model, run.method
+        stepped = self.wrap_model(run.model, run.method)
 
-        config_dict = config.to_dict()
-        ckpt.write_json(self.out_dir / ckpt.CONFIG_NAME, {**config_dict, "data": run.data_metadata})
-        ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
-
-        from tqdm.auto import tqdm
+        if self.is_writer:
+            config_file = {**config_dict, "data": run.data_metadata, "world_size": self.world_size}
+            ckpt.write_json(self.out_dir / ckpt.CONFIG_NAME, config_file)
+            ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
 
         end_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
         wall_offset = records[-1]["wall_time"] if records else 0.0
@@ -355,42 +234,38 @@ class Trainer:
                   initial=start_epoch, total=end_epoch, disable=disable,
                   file=sys.stderr) as epochs:  # fmt: skip
             for epoch in epochs:
-                record = self._train_epoch(
-                    epoch, run.model, run.method, run.train_loader, run.scheduler,
-                    run.criterion, disable,
-                )  # fmt: skip
+                record = self._train_epoch(epoch, run, stepped, disable)
+                record = self.reduce_record(run.model, record)
                 for split, loader in run.eval_loaders.items():
                     record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(run.model, loader)
                 if run.sharpness_batch is not None:
-                    record["sharpness"] = self._sharpness(run.model, run.sharpness_batch)
+                    record["sharpness"] = float(
+                        sam_sharpness(run.model, nn.functional.cross_entropy,
+                                      run.sharpness_batch, rho=config.sharpness_rho).value
+                    )  # fmt: skip
                 record["wall_time"] = wall_offset + time.perf_counter() - started
                 diverged = not weights_are_finite(run.model)
                 if diverged:
                     record["diverged"] = True
                 records.append(record)
-                with ckpt.interrupts_deferred():  # the two files of an epoch go together
-                    if not diverged:  # else the last finite epoch's checkpoint stays
-                        ckpt.save_checkpoint(
-                            self.checkpoint_path, run.state(config_dict, epoch + 1, records)
-                        )
-                    ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
+                if self.is_writer:
+                    self._save(run, config_dict, epoch + 1, records, keep_checkpoint=diverged)
                 epochs.set_postfix(test_acc=f"{record['test_acc']:.4f}")
-                if self.log is not None:
-                    self.log(_summary(record, config.epochs))
                 for callback in self.epoch_callbacks:
                     callback(record)
                 if diverged:
-                    if self.log is not None:
-                        self.log(divergence_message(self.checkpoint_path, epoch + 1))
                     break
         return records
 
+    def _save(self, run: _Run, config: dict, epoch: int, records: list, keep_checkpoint: bool):
+        with ckpt.interrupts_deferred():  # the two files of an epoch go together
+            if not keep_checkpoint:  # a diverged epoch keeps the last finite checkpoint
+                state = run.state(config, epoch, records, self.world_size)
+                ckpt.save_checkpoint(self.checkpoint_path, state)
+            ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
+
     def _build(self) -> _Run:
         """Data, model, method, loaders and schedule, each seeded from ``config.seed``."""
-        from flatmin.data import WithIndex
-        from flatmin.train.data import make_loader
-        from flatmin.train.models import build_model
-
         config = self.config
         seed_everything(config.seed)
         bundle = config.load_data()
@@ -401,13 +276,7 @@ class Trainer:
             config.hyperparameters,
             MethodContext(len(bundle.train), bundle.num_classes, seed=config.seed),
         )
-        train_loader = make_loader(
-            WithIndex(bundle.train),
-            config.batch_size,
-            shuffle=True,
-            seed=config.seed,
-            num_workers=config.num_workers,
-        )
+        train_loader = self.make_train_loader(bundle.train)
         eval_loaders = {"test": make_loader(bundle.test, config.eval_batch_size, False, 0)}
         if bundle.val is not None:
             eval_loaders["val"] = make_loader(bundle.val, config.eval_batch_size, False, 0)
@@ -421,50 +290,30 @@ class Trainer:
             ),
             criterion=nn.CrossEntropyLoss(reduction="none", label_smoothing=config.label_smoothing),
             data_metadata=bundle.metadata,
-            sharpness_batch=(
-                self._sharpness_batch(bundle.train) if config.track_sharpness else None
-            ),
+            sharpness_batch=first_samples(bundle.train, config.batch_size)
+            if config.track_sharpness
+            else None,
         )
 
-    def _checkpoint_to_resume(self, resume: bool) -> dict[str, Any] | None:
-        if not resume:
-            if self.checkpoint_path.exists():
-                raise ValueError(
-                    f"{self.out_dir} already holds a run ({self.checkpoint_path.name}); "
-                    "continue it with --resume or choose another --out"
-                )
-            return None
-        state = ckpt.load_checkpoint(self.checkpoint_path)
-        reasons = resume_conflicts(state["config"], self.config.to_dict())
-        if reasons:
-            raise ValueError(f"cannot resume {self.out_dir}: " + "; ".join(reasons))
-        return state
-
     def _train_epoch(
-        self,
-        epoch: int,
-        model: nn.Module,
-        method: Method,
-        loader: DataLoader,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        criterion: nn.Module,
-        disable: bool | None,
+        self, epoch: int, run: _Run, model: nn.Module, disable: bool | None
     ) -> dict[str, Any]:
-        """One epoch of steps; ``flatmin.distributed.train`` overrides it to substitute a
-        DDP-wrapped model and a distributed loader, so its signature is kept stable."""
-        from tqdm.auto import tqdm
+        """One epoch of steps through ``model`` (the wrapped model)."""
+        from tqdm.auto import tqdm  # optional: the flatmin[train] extra
 
+        method = run.method
         method.set_epoch(epoch)
+        set_loader_epoch(run.train_loader, self.config.seed, epoch)
         lr = method.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), dtype=torch.float64)
         correct = torch.zeros((), dtype=torch.int64)
         seen = 0
         started, cpu_started = time.perf_counter(), time.process_time()
-        with tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=disable,
+        with tqdm(run.train_loader, desc=f"epoch {epoch + 1}", leave=False, disable=disable,
                   file=sys.stderr) as batches:  # fmt: skip
             for step, (x, y, index) in enumerate(batches):
-                out = method.train_step(model, x, y, index, criterion)
-                scheduler.step()
+                out = method.train_step(model, x, y, index, run.criterion)
+                run.scheduler.step()
                 loss_sum += out.loss.double() * y.numel()
                 correct += (out.logits.argmax(1) == y).sum()
                 seen += y.numel()
@@ -482,33 +331,17 @@ class Trainer:
             "images_per_cpu_s": seen / max(cpu_elapsed, 1e-9),
         }
 
-    def _sharpness_batch(self, dataset: Any) -> tuple[Tensor, Tensor]:
-        """A fixed batch of the first training samples (drawn without touching the RNG)."""
-        n = min(self.config.batch_size, len(dataset))
-        with torch.random.fork_rng(devices=[]):
-            items = [dataset[i] for i in range(n)]
-        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
 
-    def _sharpness(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> float:
-        from flatmin.measure import sam_sharpness
-
-        result = sam_sharpness(
-            model, nn.functional.cross_entropy, batch, rho=self.config.sharpness_rho
-        )
-        return float(result.value)
+def first_samples(dataset: Dataset, n: int) -> tuple[Tensor, Tensor]:
+    """The first ``n`` samples of ``dataset`` as one batch ``(x, y)`` (fetched without
+    touching the global random generators)."""
+    n = min(n, len(dataset))
+    with torch.random.fork_rng(devices=[]):
+        items = [dataset[i] for i in range(n)]
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
 
 
 def divergence_message(checkpoint: Path, epoch: int) -> str:
     """What a run that diverged in ``epoch`` (counted from 1) left behind."""
     kept = f"{checkpoint} keeps epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
     return f"diverged: the weights are not finite after epoch {epoch}; training stopped, {kept}"
-
-
-def _summary(record: Mapping[str, Any], epochs: int) -> str:
-    parts = [f"epoch {record['epoch']}/{epochs}"]
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "val_acc", "sharpness"):
-        if key in record:
-            parts.append(f"{key} {record[key]:.4f}")
-    parts.append(f"lr {record['lr']:.4g}")
-    parts.append(f"{record['images_per_s']:.0f} img/s")
-    return "  ".join(parts)

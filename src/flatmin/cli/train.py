@@ -9,25 +9,34 @@ writes ``runs/saf-fmnist/{config.json, metrics.jsonl, checkpoint.pt}`` after eve
 epoch; ``flatmin train --out runs/saf-fmnist --resume`` continues an interrupted run
 bit-exactly. Every method hyperparameter has a flag generated from the registry; a flag
 left out takes the method's paper default.
+
+``--nproc N`` trains on N local processes (:mod:`flatmin.train.ddp`). Under ``torchrun``
+(which sets ``WORLD_SIZE``) the command joins torchrun's group instead::
+
+    torchrun --nproc-per-node 2 -m flatmin.cli train --method saf --out runs/y
+
+Bad settings, a run directory in use or unusable, and unreadable checkpoints end the
+command with one line on stderr and exit status 2, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
+from flatmin.distributed.launch import init_from_env
 from flatmin.train import checkpoint as ckpt
-from flatmin.train.loop import (
-    DEFAULT_MODELS,
-    SCHEDULES,
-    TrainConfig,
-    Trainer,
-    divergence_message,
-    resume_conflicts,
-)
+from flatmin.train.config import DEFAULT_MODELS, SCHEDULES, TrainConfig, resume_conflicts
+from flatmin.train.ddp import run_distributed, train_in_group
+from flatmin.train.loop import Trainer, divergence_message
 from flatmin.train.registry import METHODS, all_hyperparameters
 
 _DEFAULTS = TrainConfig()
@@ -128,9 +137,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     control.add_argument(
         "--nproc",
         type=int,
-        default=1,
         metavar="N",
-        help="train on N local processes (torch.distributed, gloo); --batch-size stays global",
+        help="train on N local processes (torch.distributed, gloo); --batch-size stays "
+        "global (default: 1, or torchrun's group under torchrun)",
     )
 
 
@@ -165,8 +174,12 @@ def _stored_config(out: Path) -> dict[str, Any]:
             f"--resume: no run to continue in {out} (expected {ckpt.CHECKPOINT_NAME} and "
             f"{ckpt.CONFIG_NAME}, written after the first complete epoch)"
         )
-    stored = json.loads(path.read_text())
-    stored.pop("data", None)
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"--resume: {path} is not JSON; is {out} a flatmin run?") from None
+    for key in ("data", "world_size"):  # facts about the run, not settings
+        stored.pop(key, None)
     return stored
 
 
@@ -190,27 +203,39 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     return TrainConfig.from_dict(requested), out
 
 
+def check_out(out: Path) -> None:
+    """Refuse a run directory that cannot be one, before anything is built."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be created: {error.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     out: Path | None = None
     try:
         config, out = build_config(args)
         if args.stop_after is not None and args.stop_after < 1:
             raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
-        if args.nproc < 1:
+        if args.nproc is not None and args.nproc < 1:
             raise ValueError(f"--nproc must be a positive number of processes, got {args.nproc}")
-        if args.nproc > 1:
-            from flatmin.distributed.train import run_distributed
-
-            records = run_distributed(
-                config, out, args.nproc, resume=args.resume, stop_after=args.stop_after,
-                quiet=args.quiet,
-            )  # fmt: skip
+        check_out(out)
+        log = None if args.quiet else functools.partial(print_summary, epochs=config.epochs)
+        if args.nproc is None and "WORLD_SIZE" in os.environ:
+            records = _run_under_torchrun(config, out, args, log)
+        elif (args.nproc or 1) > 1:
+            records = run_distributed(config, out, args.nproc, resume=args.resume,
+                                      stop_after=args.stop_after,
+                                      epoch_callbacks=() if log is None else (log,))  # fmt: skip
         else:
-            trainer = Trainer(
-                config, out, progress=args.progress, log=None if args.quiet else _echo
-            )
+            trainer = Trainer(config, out, progress=args.progress,
+                              epoch_callbacks=() if log is None else (log,))  # fmt: skip
             records = trainer.run(resume=args.resume, stop_after=args.stop_after)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:
         print(f"flatmin train: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -223,20 +248,35 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    if records and records[-1].get("diverged"):
+    if not records:  # a process of a torchrun group other than rank 0
+        return 0
+    last = records[-1]
+    if last.get("diverged"):
         checkpoint = Path(out) / ckpt.CHECKPOINT_NAME
         print(
-            f"flatmin train: {config.method} {divergence_message(checkpoint, records[-1]['epoch'])}",
+            f"flatmin train: {config.method} {divergence_message(checkpoint, last['epoch'])}",
             file=sys.stderr,
         )
         return 1
-    if records:
-        last = records[-1]
-        print(
-            f"{config.method}: test accuracy {last['test_acc']:.4f} after epoch "
-            f"{last['epoch']}/{config.epochs}; run files in {out}"
-        )
+    print(
+        f"{config.method}: test accuracy {last['test_acc']:.4f} after epoch "
+        f"{last['epoch']}/{config.epochs}; run files in {out}"
+    )
     return 0
+
+
+def _run_under_torchrun(
+    config: TrainConfig, out: Path, args: argparse.Namespace, log: Any
+) -> list[dict[str, Any]]:
+    """This process's share of a torchrun group; the records on rank 0, none elsewhere."""
+    rank, nproc = init_from_env()
+    try:
+        records = train_in_group(rank, nproc, config.resolved(), str(out), args.resume,
+                                 args.stop_after, lock=True,
+                                 epoch_callbacks=() if log is None else (log,))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    return records if rank == 0 else []
 
 
 def _completed_epochs(out: Path) -> int:
@@ -244,7 +284,20 @@ def _completed_epochs(out: Path) -> int:
     return len(ckpt.read_metrics(path)) if path.is_file() else 0
 
 
-def _echo(line: str) -> None:
-    from tqdm.auto import tqdm
+def summary_line(record: Mapping[str, Any], epochs: int) -> str:
+    """One epoch's record as the line ``flatmin train`` prints."""
+    parts = [f"epoch {record['epoch']}/{epochs}"]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "val_acc", "sharpness"):
+        if key in record:
+            parts.append(f"{key} {record[key]:.4f}")
+    parts.append(f"lr {record['lr']:.4g}")
+    parts.append(f"{record['images_per_s']:.0f} img/s")
+    return "  ".join(parts)
 
-    tqdm.write(line)
+
+def print_summary(record: Mapping[str, Any], epochs: int) -> None:
+    """Print an epoch's summary line on stdout (through tqdm, so that progress bars on
+    stderr stay intact). A module-level function: rank 0 of ``--nproc`` calls it."""
+    from tqdm.auto import tqdm  # optional: the flatmin[train] extra
+
+    tqdm.write(summary_line(record, epochs))

@@ -1,4 +1,4 @@
-"""``flatmin measure`` on a real checkpoint of a digits MLP, written by the test."""
+"""``flatmin measure`` on a real checkpoint of a digits MLP, trained by the test."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from flatmin.cli import main
+from flatmin.train.config import TrainConfig
 from flatmin.train.data import load_dataset
+from flatmin.train.loop import Trainer
 from flatmin.train.models import build_model
+from tests.helpers import assert_one_line_error, flip_a_stored_byte, truncate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -23,13 +26,22 @@ def digits():
     return load_dataset("digits", seed=0)
 
 
-@pytest.fixture
-def checkpoint(tmp_path, digits):
-    torch.manual_seed(3)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits):
+    """A one-epoch digits MLP run and its model, rebuilt here from the saved weights."""
+    out = tmp_path_factory.mktemp("run")
+    Trainer(TrainConfig(method="sgd", dataset="digits", model="mlp", epochs=1), out,
+            progress=False).run()  # fmt: skip
     model = build_model("mlp", digits.num_classes, digits.input_shape)
-    config = {"model": "mlp", "dataset": "digits", "data_dir": None, "seed": 0, "method": "sgd"}
+    model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
+    return out, model
+
+
+@pytest.fixture
+def checkpoint(trained, tmp_path):
+    out, model = trained
     path = tmp_path / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "config": config}, path)
+    path.write_bytes((out / "checkpoint.pt").read_bytes())
     return path, model
 
 
@@ -89,20 +101,69 @@ def test_measure_needs_something_to_measure(checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
+    ("damage", "message"),
     [
-        (None, "no checkpoint"),
-        ({"model": {}}, "'model' and 'config'"),
-        ({"model": {}, "config": {"model": "mlp"}}, "lacks"),
+        (lambda p: p.unlink(), "no checkpoint at"),
+        (truncate, "cannot be read as a checkpoint"),
+        (flip_a_stored_byte, "is corrupted: its contents do not match the checksum"),
+        (lambda p: p.write_text("{}\n"), "cannot be read as a checkpoint"),
+        (
+            lambda p: torch.save({"model": {}, "config": {"model": "mlp"}}, p),
+            "is not a flatmin checkpoint",
+        ),
+        (
+            lambda p: torch.save(build_model("cnn", 10, (1, 8, 8)).state_dict(), p),
+            "is not a flatmin checkpoint",
+        ),
     ],
 )
-def test_measure_rejects_bad_checkpoints(tmp_path, capsys, content, message):
-    path = tmp_path / "bad.pt"
-    if content is not None:
-        torch.save(content, path)
+def test_measure_refuses_bad_checkpoints_in_one_line(checkpoint, tmp_path, capsys, damage,
+                                                     message):  # fmt: skip
+    path, _ = checkpoint
+    damage(path)
     assert main(["measure", str(path), "--out", str(tmp_path / "m"), "--sharpness"]) == 2
-    assert message in capsys.readouterr().err
+    assert_one_line_error(capsys.readouterr().err, "flatmin measure: error:", message)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--rho", "inf"], "--rho must be a finite number >= 0.0, got inf"),
+        (["--rho", "-0.05"], "--rho must be a finite number >= 0.0"),
+        (["--tol", "0"], "--tol must be a finite number > 0.0"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+        (["--noise-scales", "0,nan"], "--noise-scales must be a finite number >= 0.0"),
+        (["--device", "not-a-device"], "--device 'not-a-device' is not a device"),
+    ],
+)
+def test_measure_refuses_bad_options_before_writing(checkpoint, tmp_path, capsys, option,
+                                                    message):  # fmt: skip
+    path, _ = checkpoint
+    argv = ["measure", str(path), "--out", str(tmp_path / "m"), "--sharpness", *option]
+    assert main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err, message)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_measure_on_cuda_without_cuda_says_so(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    argv = ["measure", str(path), "--out", str(tmp_path / "m"), "--sharpness", "--device", "cuda"]
+    assert main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err, "--device cuda: CUDA is not available here")
+    assert not (tmp_path / "m").exists()
+
+
+def test_measure_reads_a_run_directory_with_its_validation_split(tmp_path):
+    config = TrainConfig(method="sgd", dataset="digits", model="mlp", epochs=1,
+                         val_fraction=0.25)  # fmt: skip
+    Trainer(config, tmp_path / "run", progress=False).run()
+    argv = ["measure", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--sharpness",
+            "--max-batches", "0", "--batch-size", "512"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["sharpness"]["num_samples"] == 1437 - round(0.25 * 1437)
 
 
 @pytest.mark.slow

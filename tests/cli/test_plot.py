@@ -8,7 +8,7 @@ import math
 import pytest
 
 from flatmin.cli import main
-from flatmin.measure.plot_command import load_run, load_runs
+from flatmin.cli.plot import read_run_curves, read_runs
 
 
 def _write_run(path, method, sharpness=True, epochs=4):
@@ -25,18 +25,18 @@ def _write_run(path, method, sharpness=True, epochs=4):
 
 
 def test_load_run_reads_curves_and_marks_missing_sharpness(tmp_path):
-    run = load_run(_write_run(tmp_path / "a", "saf"))
+    run = read_run_curves(_write_run(tmp_path / "a", "saf"))
     assert run.label == "saf"
     assert run.epochs == [1, 2, 3, 4]
     assert run.train_loss == [2.0, 1.0, 2.0 / 3, 0.5]
     assert math.isnan(run.sharpness[0]) and run.sharpness[1] == 0.05
     assert run.has_sharpness
-    assert not load_run(_write_run(tmp_path / "b", "sgd", sharpness=False)).has_sharpness
+    assert not read_run_curves(_write_run(tmp_path / "b", "sgd", sharpness=False)).has_sharpness
 
 
 def test_runs_of_one_method_get_distinct_labels(tmp_path):
     dirs = [_write_run(tmp_path / name, "sam") for name in ("seed0", "seed1")]
-    assert [r.label for r in load_runs(dirs)] == ["sam (seed0)", "sam (seed1)"]
+    assert [r.label for r in read_runs(dirs)] == ["sam (seed0)", "sam (seed1)"]
 
 
 def test_cli_writes_the_overlay(tmp_path, capsys):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flatmin.measure.plots import RunCurves, plot_runs
 
+# The run files' names (flatmin.train.checkpoint), not imported: plotting needs no trainer.
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 
@@ -29,7 +30,7 @@ def _number(record: dict, key: str) -> float:
     return float(value)
 
 
-def load_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
+def read_run_curves(run_dir: str | Path, label: str | None = None) -> RunCurves:
     """The curves of one run directory, labelled by its config's ``method``."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS_NAME
@@ -58,9 +59,9 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
     )
 
 
-def load_runs(run_dirs: list[Path]) -> list[RunCurves]:
+def read_runs(run_dirs: list[Path]) -> list[RunCurves]:
     """Load every run; runs sharing a method are told apart by their directory names."""
-    runs = [load_run(d) for d in run_dirs]
+    runs = [read_run_curves(d) for d in run_dirs]
     repeated = Counter(run.label for run in runs)
     for run, run_dir in zip(runs, run_dirs, strict=True):
         if repeated[run.label] > 1:
@@ -78,9 +79,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        runs = load_runs(args.run_dirs)
+        runs = read_runs(args.run_dirs)
     except (FileNotFoundError, ValueError) as error:
-        print(f"flatmin plot: {error}", file=sys.stderr)
+        print(f"flatmin plot: error: {error}", file=sys.stderr)
         return 2
     path = plot_runs(runs, args.out)
     print(f"wrote {path}")

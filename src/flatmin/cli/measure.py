@@ -5,15 +5,16 @@ Example::
     flatmin measure runs/sam/checkpoint.pt --sharpness --hessian --trace --landscape 2d \\
         --noise --out runs/sam/measure
 
-rebuilds the model and its dataset from the checkpoint's config, measures on the first
-``--max-batches`` batches of the chosen split, and writes ``summary.json`` (every
-number, with the samples, seeds and iterations it used) and the PNGs of the landscape
-and noise curve into ``--out``.
+rebuilds the model and its dataset from the checkpoint (a ``flatmin train`` checkpoint or
+run directory, :func:`flatmin.train.checkpoint.load_run`: the same split, noise and
+subset as training), measures on the first ``--max-batches`` batches of the chosen
+split, and writes ``summary.json`` (every number, with the samples, seeds and iterations
+it used) and the PNGs of the landscape and noise curve into ``--out``.
 
 The loss is the plain cross-entropy (no label smoothing or weight decay), in eval
-mode unless ``--train-mode-bn``. The checkpoint is a ``torch.save``'d dict with at least ``"model"`` (a ``state_dict``)
-and ``"config"`` (with ``"model"``, ``"dataset"``, ``"data_dir"`` and ``"seed"``), as
-``flatmin train`` writes it.
+mode unless ``--train-mode-bn``. Every option is checked, and the checkpoint loaded,
+before anything is written: a bad value, an unavailable device or an unreadable,
+corrupted or foreign checkpoint ends the command with one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import inspect
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader
 
+from flatmin._checks import check_int, check_real
 from flatmin.measure import (
     gaussian_noise_curve,
     hessian_eigenvalues,
@@ -42,15 +42,14 @@ from flatmin.measure import (
     sam_sharpness,
 )
 from flatmin.measure.noise import DEFAULT_SCALES
-
-REQUIRED_CONFIG = ("model", "dataset", "data_dir", "seed")
-# load_dataset options that change which samples the model was trained on
-_DATASET_OPTIONS = ("label_noise", "val_fraction", "subset")
+from flatmin.train.checkpoint import LoadedRun, load_run
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0]
-    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    parser.add_argument(
+        "checkpoint", type=Path, metavar="CHECKPOINT", help="checkpoint.pt or its run directory"
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory for summary and PNGs")
     what = parser.add_argument_group("what to measure (at least one)")
     what.add_argument("--sharpness", action="store_true", help="SAM sharpness L(w+ε) − L(w)")
@@ -107,51 +106,52 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def load_model_and_data(
-    checkpoint_path: Path, split: str, data_dir: str | None
-) -> tuple[nn.Module, torch.utils.data.Dataset, dict[str, Any]]:
-    """Rebuild the checkpoint's model, weights loaded, and the dataset split it names."""
-    from flatmin.train.data import load_dataset
-    from flatmin.train.models import build_model
-
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint_path}")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
-        raise ValueError(f"{checkpoint_path} is not a dict with 'model' and 'config' entries")
-    config = dict(checkpoint["config"])
-    missing = [key for key in REQUIRED_CONFIG if key not in config]
-    if missing:
-        raise ValueError(f"the checkpoint's config lacks {missing}")
-    accepted = inspect.signature(load_dataset).parameters
-    options = {k: config[k] for k in _DATASET_OPTIONS if k in accepted and k in config}
-    if "augment" in accepted:
-        options["augment"] = False  # measure the data, not random crops of it
-    bundle = load_dataset(
-        config["dataset"],
-        data_dir=data_dir if data_dir is not None else config["data_dir"],
-        seed=config["seed"],
-        **options,
-    )
-    model = build_model(config["model"], bundle.num_classes, tuple(bundle.input_shape))
-    model.load_state_dict(checkpoint["model"])
-    return model, getattr(bundle, split), config
-
-
 def _progress(description: str) -> Callable[[Iterable], Iterable]:
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional: the flatmin[train] extra
 
     return functools.partial(
         tqdm, desc=description, leave=False, disable=not sys.stderr.isatty(), file=sys.stderr
     )
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the asked measurements; write the PNGs; return the summary."""
-    from flatmin.measure import plots
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse a bad option value or an unusable device (``ValueError``, one line)."""
+    check_real("--rho", args.rho, minimum=0.0)
+    check_real("--tol", args.tol, minimum=0.0, exclusive_minimum=True)
+    check_real("--span", args.span, minimum=0.0, exclusive_minimum=True)
+    for scale in args.noise_scales:
+        check_real("--noise-scales", scale, minimum=0.0)
+    for name, minimum in (("batch_size", 1), ("max_batches", 0), ("ascent_steps", 1),
+                          ("top_k", 1), ("max_iter", 1), ("trace_queries", 1), ("steps", 2),
+                          ("noise_repeats", 1)):  # fmt: skip
+        check_int("--" + name.replace("_", "-"), getattr(args, name), minimum=minimum)
+    if args.m is not None:
+        check_int("--m", args.m, minimum=1)
+    check_device(args.device)
 
-    model, dataset, config = load_model_and_data(args.checkpoint, args.split, args.data_dir)
-    model.to(args.device)
+
+def check_device(name: str) -> torch.device:
+    """``torch.device(name)`` if a tensor can be put there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unavailable"
+        raise ValueError(f"--device {name} cannot be used: {reason}") from None
+    return device
+
+
+def measure(args: argparse.Namespace, run: LoadedRun) -> dict[str, Any]:
+    """Run the asked measurements on ``run``; write the PNGs; return the summary."""
+    from flatmin.measure import plots  # optional: matplotlib, the flatmin[plot] extra
+
+    model, config = run.model.to(args.device), run.checkpoint["config"]
+    dataset = getattr(run.data, args.split)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     common = {
         "max_batches": args.max_batches or None,
@@ -226,15 +226,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     if not (args.sharpness or args.hessian or args.trace or args.landscape or args.noise):
         print(
-            "flatmin measure: choose at least one of --sharpness, --hessian, --trace, "
+            "flatmin measure: error: choose at least one of --sharpness, --hessian, --trace, "
             "--landscape {1d,2d}, --noise",
             file=sys.stderr,
         )
         return 2
     try:
-        summary = measure(args)
+        check_arguments(args)
+        run = load_run(args.checkpoint, data_dir=args.data_dir)
+        summary = measure(args, run)
     except (FileNotFoundError, ValueError) as error:
-        print(f"flatmin measure: {error}", file=sys.stderr)
+        print(f"flatmin measure: error: {error}", file=sys.stderr)
         return 2
     for key in ("sharpness", "hessian", "trace"):
         if key in summary:

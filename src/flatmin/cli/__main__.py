@@ -1,0 +1,5 @@
+"""``python -m flatmin.cli``: the ``flatmin`` command (also under ``torchrun -m``)."""
+
+from flatmin.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,277 @@
+"""``flatmin bench``: run a benchmark preset (``--preset demo``) or mode (``speed``, …).
+
+Each benchmark is a function here that checks its options, calls the benchmark's
+module in :mod:`flatmin.bench` and prints what it found; it is listed in
+:data:`PRESETS` or :data:`MODES` with a one-line description. The options every
+benchmark shares (output directory, seeds, epochs, threads, progress bars) are defined
+once, each benchmark's own in a group of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PRESETS = {"demo": "SGD, SAM, SAF and MESA on MNIST-1D with 40 % label noise, 3 seeds"}
+MODES = {
+    "speed": "images/s of every registered method relative to SGD, interleaved in one process",
+    "accuracy": "multi-seed accuracy and sharpness of every method, paired by seed",
+    "figures": "the SAF paper's figures (loss, sharpness per epoch, noise, surfaces) from runs",
+}
+
+
+class BenchError(ValueError):
+    """A benchmark's options or inputs that cannot be used (printed as one line)."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0]
+    entries = {**PRESETS, **MODES}
+    parser.add_argument(
+        "benchmark",
+        nargs="?",
+        choices=sorted(entries),
+        # argparse formats help strings with %
+        help="; ".join(f"{n}: {d}" for n, d in entries.items()).replace("%", "%%"),
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the same, for presets")
+    parser.add_argument("--mode", choices=sorted(MODES), help="the same, for modes")
+    common = parser.add_argument_group("common options")
+    common.add_argument("--out", metavar="DIR", help="where runs, tables and plots go")
+    common.add_argument("--seeds", type=int, metavar="N", help="number of seeds (0, 1, …)")
+    common.add_argument("--epochs", type=int, help="epochs per run (default: the preset's)")
+    common.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="CPU threads to use (default: 2; the demo trains this many runs at once, "
+        "one thread each)",
+    )
+    common.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: only on a terminal)",
+    )
+    _speed_options(parser.add_argument_group("speed options"))
+    _accuracy_options(parser.add_argument_group("accuracy options"))
+    _figures_options(parser.add_argument_group("figures options"))
+
+
+def run(args: argparse.Namespace) -> int:
+    chosen = [name for name in (args.benchmark, args.preset, args.mode) if name is not None]
+    if len(set(chosen)) != 1:
+        return _error(
+            "name one benchmark, e.g. `flatmin bench --preset demo`; "
+            f"presets: {', '.join(PRESETS)}; modes: {', '.join(MODES)}"
+        )
+    runners: dict[str, Callable[[argparse.Namespace], int]] = {
+        "demo": _demo, "speed": _speed, "accuracy": _accuracy, "figures": _figures,
+    }  # fmt: skip
+    try:
+        return runners[chosen[0]](args)
+    except (BenchError, FileNotFoundError) as error:
+        return _error(str(error), chosen[0])
+
+
+def _error(message: str, benchmark: str | None = None) -> int:
+    name = f"flatmin bench {benchmark}" if benchmark else "flatmin bench"
+    print(f"{name}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _command(args: argparse.Namespace) -> str:
+    return " ".join(getattr(args, "argv", None) or ["flatmin", *sys.argv[1:]])
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+# --- demo -----------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from flatmin.bench.demo import DemoPreset, plot, run_demo, table, write_summary
+
+    preset = DemoPreset()
+    out = Path(args.out if args.out is not None else "runs/demo")
+    seeds = preset.seeds if args.seeds is None else args.seeds
+    epochs = preset.epochs if args.epochs is None else args.epochs
+    processes = args.threads
+    if seeds < 1 or epochs < 1 or processes < 1:
+        raise BenchError("--seeds, --epochs and --threads must be >= 1")
+    title = (
+        f"MNIST-1D, {preset.label_noise:.0%} symmetric label noise, {preset.model}, "
+        f"{epochs} epochs, {seeds} seed{'s' if seeds > 1 else ''}"
+    )
+    print(f"flatmin demo: {title}; {processes} run(s) at a time, one thread each")
+    print(preset.scaling_note)
+    started = time.perf_counter()
+    if processes <= 1:
+        torch.set_num_threads(1)
+    results = run_demo(preset, out, seeds=seeds, epochs=epochs, processes=processes,
+                       progress=args.progress, log=_print)  # fmt: skip
+    elapsed = time.perf_counter() - started
+    text = table(results)
+    cpu = sum(r.cpu_seconds for r in results)
+    plot(results, out / "demo.png", title, preset.term_start_marker())
+    summary = write_summary(out, title, text, preset.scaling_note, elapsed, processes, cpu)
+    print(f"\n{text}\n")
+    print(
+        f"{elapsed:.0f} s in total; the runs used {cpu:.0f} CPU-seconds (≈ {cpu / processes:.0f}"
+        f" s on {processes} idle core(s)); plot: {out / 'demo.png'}; table: {summary}"
+    )
+    return 0
+
+
+# --- speed ----------------------------------------------------------------------------
+
+
+def _speed_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--models", nargs="+", choices=("resnet18", "cnn", "cnn1d"),
+                       default=["resnet18", "cnn", "cnn1d"],
+                       help="models to time (default: all three)")  # fmt: skip
+    group.add_argument(
+        "--methods", nargs="+", metavar="NAME", help="methods to time (default: every registered)"
+    )
+    group.add_argument(
+        "--repeats", type=int, default=5, help="counted interleaved rounds (default: 5)"
+    )
+    group.add_argument("--steps", type=int, help="steps per block (default: per model)")
+    group.add_argument("--batch-size", type=int, help="batch size (default: per model)")
+    group.add_argument("--profile", metavar="METHOD", help="also profile one block of METHOD")
+    group.add_argument(
+        "--channels-last-inputs",
+        action="store_true",
+        help="image batches in channels_last (weights stay as built, NCHW)",
+    )
+    group.add_argument(
+        "--measure-memory",
+        action="store_true",
+        help="also measure each method's peak resident memory over SGD's, one process per "
+        "method and model (flatmin.bench.memory)",
+    )
+
+
+def _speed(args: argparse.Namespace) -> int:
+    import torch
+
+    from flatmin.bench.speed import run_speed, write_speed
+
+    if args.threads < 1:
+        raise BenchError(f"--threads must be >= 1, got {args.threads}")
+    for flag, value in (("--repeats", args.repeats), ("--steps", args.steps),
+                        ("--batch-size", args.batch_size)):  # fmt: skip
+        if value is not None and value < 1:
+            raise BenchError(f"{flag} must be an integer >= 1, got {value}")
+    torch.set_num_threads(args.threads)
+    try:
+        text, data = run_speed(
+            args.models, args.methods, repeats=args.repeats, steps=args.steps,
+            batch_size=args.batch_size, profile_method=args.profile,
+            channels_last_inputs=args.channels_last_inputs,
+            measure_peak_memory=args.measure_memory, command=_command(args), log=_print,
+        )  # fmt: skip
+    except ValueError as error:
+        raise BenchError(str(error)) from None
+    print(text)
+    stem = f"speed_{'-'.join(args.models)}_t{args.threads}"
+    if args.channels_last_inputs:
+        stem += "_cl"
+    print(f"wrote {write_speed(Path(args.out or 'benchmarks/results'), text, data, stem)}")
+    return 0
+
+
+# --- accuracy -------------------------------------------------------------------------
+
+
+def _accuracy_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--study", choices=("quick", "full"), default="quick", help="accuracy study preset"
+    )
+    group.add_argument(
+        "--sections", nargs="+", metavar="NAME", help="run only these sections of the study"
+    )
+    group.add_argument(
+        "--report", action="store_true", help="only aggregate finished runs into tables"
+    )
+    group.add_argument(
+        "--results",
+        metavar="DIR",
+        default="benchmarks/results",
+        help="where the tables go (default: benchmarks/results)",
+    )
+
+
+def _accuracy(args: argparse.Namespace) -> int:
+    from flatmin.bench.accuracy import plan, run_study
+    from flatmin.bench.report import report
+    from flatmin.bench.studies import study
+    from flatmin.train.registry import METHODS
+
+    sections = study(args.study)
+    if args.sections:
+        unknown = sorted(set(args.sections) - {s.name for s in sections})
+        if unknown:
+            raise BenchError(
+                f"unknown sections {unknown}; the {args.study} study has: "
+                + ", ".join(s.name for s in sections)
+            )
+        sections = tuple(s for s in sections if s.name in args.sections)
+    root = Path(args.out or f"runs/bench-accuracy-{args.study}")
+    jobs, missing = plan(sections, METHODS, args.seeds)
+    if not args.report:
+        print(f"{len(jobs)} runs in {root}; not registered (left out): {missing or 'none'}")
+        started = time.perf_counter()
+        skipped = run_study(jobs, root, args.threads, args.epochs, log=_print)
+        print(f"done in {time.perf_counter() - started:.0f} s; {skipped} left to other workers")
+    text, data = report(root, study(args.study), missing)
+    stem = Path(args.results) / f"accuracy_{args.study}"
+    if not data["sections"]:
+        raise BenchError(
+            f"no finished runs of the {args.study} study in {root} (no final.json): "
+            f"nothing to report; {stem}.txt and .json are left as they are"
+        )
+    command = _command(args)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".txt").write_text(f"# {command}\n# runs: {root}\n\n{text}")
+    stem.with_suffix(".json").write_text(json.dumps({"command": command, **data}, indent=1))
+    print(text)
+    return 0
+
+
+# --- figures --------------------------------------------------------------------------
+
+
+def _figures_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--runs",
+        metavar="DIR",
+        default="runs/bench-accuracy-quick",
+        help="the accuracy study's run directory (default: runs/bench-accuracy-quick)",
+    )
+    group.add_argument(
+        "--section", default="mnist1d-noise40", help="which section to draw (default: MNIST-1D)"
+    )
+    group.add_argument("--surface-steps", type=int, default=21, help="grid points per axis")
+    group.add_argument("--prefix", default="", help="prefix of the file names (e.g. 'fmnist_')")
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from flatmin.bench.figures import draw_figures
+
+    if args.surface_steps < 2:
+        raise BenchError(f"--surface-steps must be an integer >= 2, got {args.surface_steps}")
+    started = time.perf_counter()
+    out = Path(args.out or "benchmarks")
+    for path in draw_figures(Path(args.runs) / args.section, out, args.surface_steps, args.prefix):
+        print(path)
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    return 0

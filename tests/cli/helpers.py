@@ -1,0 +1,35 @@
+"""Shared by the command-line tests: a tiny training run's flags, and the ``flatmin``
+command run as a real process (optionally with an installed package hidden)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+
+TINY = ["--dataset", "digits", "--model", "mlp", "--subset", "64", "--batch-size", "32"]
+
+# Runs `flatmin ARGS...` with the modules named in HIDDEN made unimportable, as on a
+# machine where the optional extra that provides them was not installed.
+_WITHOUT = """
+import importlib.abc, sys
+hidden = set(sys.argv[1].split(","))
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in hidden:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Hide())
+from flatmin.cli import main
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+def flatmin(
+    args: Sequence[str], *, hidden: Sequence[str] = (), timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``flatmin ARGS`` in a new process, with the top-level packages ``hidden`` missing."""
+    command = [sys.executable, "-c", _WITHOUT, ",".join(hidden) or "-", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,70 @@
+import pytest
+
+from flatmin.cli import main
+from flatmin.cli.bench import MODES, PRESETS
+from tests.helpers import assert_one_line_error
+
+
+def test_no_benchmark_named_lists_the_choices(capsys):
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "--preset demo" in err
+    for name in (*PRESETS, *MODES):
+        assert name in err
+
+
+def test_two_different_benchmarks_are_refused(capsys):
+    assert main(["bench", "speed", "--preset", "demo"]) == 2
+    assert "name one benchmark" in capsys.readouterr().err
+
+
+def test_positional_and_flag_forms_reach_the_same_preset(tmp_path, capsys):
+    # The demo's own argument check answers, so both forms dispatched to it.
+    for form in (["demo"], ["--preset", "demo"]):
+        assert main(["bench", *form, "--seeds", "0", "--out", str(tmp_path)]) == 2
+        assert "--seeds, --epochs and --threads must be >= 1" in capsys.readouterr().err
+
+
+def test_help_lists_every_benchmark(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "demo: SGD, SAM, SAF and MESA on MNIST-1D with 40 % label noise" in text
+    for name in MODES:
+        assert f"{name}:" in text
+
+
+def test_report_without_finished_runs_refuses_and_keeps_the_tables(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "accuracy_quick.txt").write_text("the last real report\n")
+    (results / "accuracy_quick.json").write_text('{"sections": {"kept": 1}}')
+    code = main(["bench", "accuracy", "--report", "--out", str(tmp_path / "no-runs"),
+                 "--results", str(results)])  # fmt: skip
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, "no finished runs of the quick study",
+                          "left as they are")  # fmt: skip
+    assert (results / "accuracy_quick.txt").read_text() == "the last real report\n"
+    assert (results / "accuracy_quick.json").read_text() == '{"sections": {"kept": 1}}'
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+        (["--repeats", "0"], "--repeats must be an integer >= 1, got 0"),
+        (["--batch-size", "-2"], "--batch-size must be an integer >= 1, got -2"),
+        (["--methods", "lion"], "unknown models or methods ['lion']"),
+    ],
+)
+def test_speed_refuses_bad_counts_before_timing(tmp_path, capsys, option, message):
+    argv = ["bench", "speed", "--models", "cnn1d", "--methods", "sgd", "--repeats", "1",
+            "--out", str(tmp_path), *option]  # fmt: skip
+    assert main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err, "flatmin bench speed: error:", message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_figures_without_runs_says_where_it_looked(tmp_path, capsys):
+    assert main(["bench", "figures", "--runs", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"no runs in {tmp_path / 'mnist1d-noise40'}")
