@@ -101,7 +101,7 @@ def test_median():
         (lambda: paired_difference([1.0, 2.0], [1.0, 2.0], confidence=1.0), "confidence"),
         (lambda: summarize([]), "at least 1"),
         (lambda: t_quantile(1.0, 3), "p must be"),
-        (lambda: t_quantile(0.9, 0), "degrees of freedom"),
+        (lambda: t_quantile(0.9, 0), "df \\(degrees of freedom\\) must be a finite number > 0.0"),
         (lambda: regularized_incomplete_beta(1.0, 1.0, 1.5), "x must be"),
     ],
 )

@@ -22,6 +22,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from flatmin._checks import check_real
+
 _TINY = 1e-300
 
 
@@ -49,10 +51,9 @@ def _betacf(a: float, b: float, x: float, max_iter: int = 300, eps: float = 1e-1
 
 def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
     """``I_x(a, b) = B(x; a, b) / B(a, b)`` for ``a, b > 0`` and ``0 ≤ x ≤ 1``."""
-    if not (a > 0 and b > 0):
-        raise ValueError(f"a and b must be positive, got a={a}, b={b}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"x must be in [0, 1], got {x}")
+    check_real("a", a, minimum=0.0, exclusive_minimum=True)
+    check_real("b", b, minimum=0.0, exclusive_minimum=True)
+    check_real("x", x, minimum=0.0, maximum=1.0)
     if x in (0.0, 1.0):
         return x
     log_front = (
@@ -66,8 +67,7 @@ def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
 
 def t_cdf(t: float, df: float) -> float:
     """``P(T ≤ t)`` for Student's t with ``df`` degrees of freedom."""
-    if not df > 0:
-        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    check_real("df (degrees of freedom)", df, minimum=0.0, exclusive_minimum=True)
     tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
     return 1.0 - tail if t >= 0 else tail
 
@@ -75,10 +75,8 @@ def t_cdf(t: float, df: float) -> float:
 def t_quantile(p: float, df: float) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on
     :func:`t_cdf` to an absolute error below 1e-10)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if not df > 0:
-        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    check_real("p", p, minimum=0.0, maximum=1.0, exclusive_minimum=True, exclusive_maximum=True)
+    check_real("df (degrees of freedom)", df, minimum=0.0, exclusive_minimum=True)
     if p < 0.5:
         return -t_quantile(1.0 - p, df)
     lo, hi = 0.0, 1.0
@@ -94,12 +92,9 @@ def t_quantile(p: float, df: float) -> float:
 
 
 def _check_values(values: Sequence[float], what: str, minimum: int) -> list[float]:
-    out = [float(v) for v in values]
-    if len(out) < minimum:
-        raise ValueError(f"{what} needs at least {minimum} values, got {len(out)}")
-    if not all(math.isfinite(v) for v in out):
-        raise ValueError(f"{what} needs finite values, got {out}")
-    return out
+    if len(values) < minimum:
+        raise ValueError(f"{what} needs at least {minimum} values, got {len(values)}")
+    return [check_real(f"{what}'s values", v, hint="finite") for v in values]
 
 
 @dataclass(frozen=True)
@@ -154,8 +149,8 @@ def paired_difference(
     Student-t interval; needs at least two pairs."""
     if len(a) != len(b):
         raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    check_real("confidence", confidence, minimum=0.0, maximum=1.0, exclusive_minimum=True,
+               exclusive_maximum=True)  # fmt: skip
     xs = _check_values(a, "paired_difference", 2)
     ys = _check_values(b, "paired_difference", 2)
     diff = summarize([x - y for x, y in zip(xs, ys, strict=True)])

@@ -16,6 +16,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from flatmin.bench.accuracy import plan, run_study
+from flatmin.bench.demo import DemoPreset, plot, run_demo, table, write_summary
+from flatmin.bench.figures import draw_figures
+from flatmin.bench.report import report
+from flatmin.bench.speed import run_speed, write_speed
+from flatmin.bench.studies import STUDIES, study
+from flatmin.bench.workload import CASES
+from flatmin.train.registry import METHODS
+
 PRESETS = {"demo": "SGD, SAM, SAF and MESA on MNIST-1D with 40 % label noise, 3 seeds"}
 MODES = {
     "speed": "images/s of every registered method relative to SGD, interleaved in one process",
@@ -96,10 +107,6 @@ def _print(line: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from flatmin.bench.demo import DemoPreset, plot, run_demo, table, write_summary
-
     preset = DemoPreset()
     out = Path(args.out if args.out is not None else "runs/demo")
     seeds = preset.seeds if args.seeds is None else args.seeds
@@ -135,8 +142,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _speed_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--models", nargs="+", choices=("resnet18", "cnn", "cnn1d"),
-                       default=["resnet18", "cnn", "cnn1d"],
+    group.add_argument("--models", nargs="+", choices=tuple(CASES), default=list(CASES),
                        help="models to time (default: all three)")  # fmt: skip
     group.add_argument(
         "--methods", nargs="+", metavar="NAME", help="methods to time (default: every registered)"
@@ -161,10 +167,6 @@ def _speed_options(group: argparse._ArgumentGroup) -> None:
 
 
 def _speed(args: argparse.Namespace) -> int:
-    import torch
-
-    from flatmin.bench.speed import run_speed, write_speed
-
     if args.threads < 1:
         raise BenchError(f"--threads must be >= 1, got {args.threads}")
     for flag, value in (("--repeats", args.repeats), ("--steps", args.steps),
@@ -194,7 +196,7 @@ def _speed(args: argparse.Namespace) -> int:
 
 def _accuracy_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
-        "--study", choices=("quick", "full"), default="quick", help="accuracy study preset"
+        "--study", choices=sorted(STUDIES), default="quick", help="accuracy study preset"
     )
     group.add_argument(
         "--sections", nargs="+", metavar="NAME", help="run only these sections of the study"
@@ -211,11 +213,6 @@ def _accuracy_options(group: argparse._ArgumentGroup) -> None:
 
 
 def _accuracy(args: argparse.Namespace) -> int:
-    from flatmin.bench.accuracy import plan, run_study
-    from flatmin.bench.report import report
-    from flatmin.bench.studies import study
-    from flatmin.train.registry import METHODS
-
     sections = study(args.study)
     if args.sections:
         unknown = sorted(set(args.sections) - {s.name for s in sections})
@@ -265,8 +262,6 @@ def _figures_options(group: argparse._ArgumentGroup) -> None:
 
 
 def _figures(args: argparse.Namespace) -> int:
-    from flatmin.bench.figures import draw_figures
-
     if args.surface_steps < 2:
         raise BenchError(f"--surface-steps must be an integer >= 2, got {args.surface_steps}")
     started = time.perf_counter()

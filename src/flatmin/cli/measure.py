@@ -39,6 +39,7 @@ from flatmin.measure import (
     hessian_eigenvalues,
     hessian_trace,
     loss_landscape,
+    plots,
     sam_sharpness,
 )
 from flatmin.measure.noise import DEFAULT_SCALES
@@ -148,8 +149,6 @@ def check_device(name: str) -> torch.device:
 
 def measure(args: argparse.Namespace, run: LoadedRun) -> dict[str, Any]:
     """Run the asked measurements on ``run``; write the PNGs; return the summary."""
-    from flatmin.measure import plots  # optional: matplotlib, the flatmin[plot] extra
-
     model, config = run.model.to(args.device), run.checkpoint["config"]
     dataset = getattr(run.data, args.split)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
