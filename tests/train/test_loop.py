@@ -64,7 +64,9 @@ def test_checkpoint_contract(tmp_path):
         assert key in config
     assert (config["method"], config["model"], config["dataset"]) == ("sam", "cnn", "digits")
     assert state["epoch"] == 1
-    assert "base_optimizer" in state["optimizer"]  # SAM nests the base optimizer's state
+    # torch's layout, the base optimizer's momentum in each parameter's state
+    assert set(state["optimizer"]) == {"state", "param_groups"}
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
     assert state["world_size"] == 1
     assert state["checksum"] == ckpt.state_checksum(state)
     on_disk = json.loads((tmp_path / "config.json").read_text())
