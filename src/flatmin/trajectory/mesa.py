@@ -47,11 +47,9 @@ class MESA(nn.Module):
                 opt.zero_grad(); loss.backward(); opt.step()
                 mesa.update()
 
-    The paper sets ``v_1 = θ_1``; starting from a copy of the initial weights ``θ_0``
-    instead differs by ``β^t·(1−β)``-weighted ``θ_0 − θ_1``, which fades as training goes on
-    (and the term only starts after ``start_epoch`` epochs). The EMA averages BatchNorm
-    buffers too and is updated from the first step on; at ``β = 0.9998`` its memory is
-    ~5,000 steps, so short runs want ``warmup=True`` (see :class:`EMA`).
+    The EMA averages BatchNorm buffers too and moves from the first step on. It starts at
+    ``θ_0`` where the paper sets ``v_1 = θ_1``, a difference that fades as ``β^t``. At
+    ``β = 0.9998`` its memory is ~5,000 steps, so short runs want ``warmup=True``.
 
     **Counting epochs** is the same as :class:`flatmin.SAF`'s: 0-based ``set_epoch``, the
     term is active when ``epoch > start_epoch`` (official code); before that ``mesa(x, z)``
@@ -62,27 +60,22 @@ class MESA(nn.Module):
     you already keep an EMA (``flatmin.trajectory.EMA``, timm's ``ModelEmaV3``, torch's
     ``AveragedModel``: anything holding the averaged network as ``.module``, or that
     network itself), pass it as ``teacher=`` and MESA reads it instead of holding a second
-    copy. Its owner keeps updating it as before (``ema.update(model)``), with its own
-    decay: ``decay`` and ``warmup`` then do not apply and :meth:`update` raises, so that
-    the average never moves twice per step. MESA neither registers nor saves a teacher
-    it did not build.
+    copy. Its owner keeps updating it as before (``ema.update(model)``) with its own
+    decay, so MESA refuses ``decay`` and ``warmup`` then, and :meth:`update` raises: the
+    average never moves twice per step. MESA neither registers nor saves a teacher it did
+    not build.
 
-    **A module with the teacher as its only submodule.** MESA follows ``.to()``, dtype
-    casts and a parent module's ``state_dict``, holding the student by a reference that
-    is not registered (the student belongs to whoever trains it). Its ``state_dict`` is
-    torch's: the built EMA's tensors under ``ema.module.*`` plus the settings and counters
-    as extra state; ``load_state_dict`` checks every key and shape before changing
-    anything, and resuming from it is bit-exact. ``mesa.train()`` leaves the teacher in
-    eval mode.
+    **A module whose only submodule is the teacher.** MESA follows ``.to()``, dtype casts
+    and a parent module's ``state_dict``; it holds the student by a plain reference (the
+    student belongs to whoever trains it). Its ``state_dict`` is torch's (``ema.module.*``
+    plus the settings and counters as extra state); ``load_state_dict`` checks every key
+    and shape before it changes anything, and resuming is bit-exact.
 
-    **The teacher's fast forward.** On a CPU a built teacher with 4-D weights is laid out
-    channels_last (``teacher_memory_format="auto"``), where convolutions and pooling have
-    the faster kernels, and every eval-mode BatchNorm that directly follows a convolution
-    or linear layer is folded into it, with a ReLU that is the folded layer's only reader
-    run in place (:class:`flatmin.trajectory.fold.FoldedForward`). The EMA weights stay
-    the state; the teacher's logits equal the plain eval forward up to float rounding. A
-    teacher that cannot be traced by ``torch.fx``, or that carries forward hooks, runs
-    unfolded. The paper reports ~15 % lower throughput for the extra forward; the figures
+    **The teacher's fast forward.** A built CPU teacher with 4-D weights is laid out
+    channels-last (``teacher_memory_format="auto"``), and eval-mode BatchNorms that follow
+    a convolution or linear layer are folded into it (:mod:`flatmin.trajectory.fold`); the
+    EMA weights stay the state, and the logits equal the plain eval forward up to float
+    rounding. The paper reports ~15 % lower throughput for this extra forward; the figures
     on a CPU are in ``benchmarks/RESULTS.md``.
 
     **A forgotten** :meth:`update`. If ``mesa(x, logits)`` was called during an epoch but

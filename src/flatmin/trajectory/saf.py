@@ -55,12 +55,11 @@ class SAF:
     valid. Rows that are not finite in the store dtype are never recorded (a warning gives
     the count).
 
-    **A forgotten** ``set_epoch``. Without it every epoch is the same epoch to SAF: each
-    sample keeps its first recorded logits, no target ever becomes valid and the term
-    never starts. Once the rows recorded since the epoch last changed reach
-    ``2·num_samples`` (every sample visited twice on average, which no one-pass-per-epoch
-    loop does), SAF warns once, naming ``set_epoch``. The count is of batch sizes, known
-    on the host, so the check costs no device synchronization.
+    **A forgotten** ``set_epoch``. Without it every epoch is the same epoch to SAF: no
+    target ever becomes valid and the term never starts. Once the rows recorded since the
+    epoch last changed reach ``2·num_samples`` (no one-pass-per-epoch loop does that), SAF
+    warns once, naming ``set_epoch``; the count is of batch sizes, on the host, so it costs
+    no device synchronization.
 
     **Several passes over one batch (SAM, ESAM, …).** A call whose ``indices`` equal those
     of the previous recording call within the same epoch is another pass over the same
@@ -75,11 +74,9 @@ class SAF:
 
         memory_bytes = N·C·Ẽ·itemsize + N·Ẽ·4
 
-    ImageNet-1k (N = 1,281,167, C = 1000), float16: Ẽ = 3 → 7,687,002,000 + 15,374,004
-    bytes ≈ 7,346 MiB; Ẽ = 2 (the official ImageNet script's lag) → 4,897 MiB. The paper
-    reports 14,643 MB for its ResNet-50 run: the official code's Ẽ + 1 = 3 float32 slots
-    at Ẽ = 2 (1,281,167·1000·3·4 bytes = 14,662 MiB). CIFAR-10 (N = 50,000, C = 10),
-    Ẽ = 3, float16: 3.6 MB.
+    ImageNet-1k (N = 1,281,167, C = 1000) in float16 needs 7,346 MiB at Ẽ = 3 and 4,897 MiB
+    at the official ImageNet script's Ẽ = 2, where the paper reports 14,643 MB for the
+    official code's Ẽ + 1 = 3 float32 slots; CIFAR-10 at Ẽ = 3: 3.6 MB.
 
     Args:
         num_samples: number of training samples (indices ``0 … num_samples − 1``).
