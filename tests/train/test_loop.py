@@ -218,8 +218,19 @@ def test_tracked_sharpness_is_the_sam_sharpness_of_the_saved_weights(tmp_path):
 
 
 def test_validation_split_is_evaluated(tmp_path):
+    """The logged validation loss and accuracy are those of the saved weights on the
+    held-out quarter of the training subset (clean labels)."""
     (record,) = Trainer(_config(epochs=1, val_fraction=0.25), tmp_path, progress=False).run()
-    assert 0.0 <= record["val_acc"] <= 1.0 and record["val_loss"] > 0
+    run = ckpt.load_run(tmp_path)
+    val = run.data.val
+    assert len(val) == 24
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        logits = run.model(x)
+    assert record["val_loss"] == pytest.approx(
+        float(F.cross_entropy(logits, val.targets)), rel=1e-6
+    )
+    assert record["val_acc"] == int((logits.argmax(1) == val.targets).sum()) / len(val)
 
 
 def test_logged_train_loss_is_the_label_smoothed_mean_over_the_epoch(tmp_path):
