@@ -75,10 +75,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from flatmin._checks import check_int, check_real
+from flatmin.optim._base import OptimizerFactory
 from flatmin.optim._buckets import Bucket
+from flatmin.optim._entry import step_entry
 from flatmin.optim.sam import SAM
 
 _MASK64 = (1 << 64) - 1
@@ -89,7 +90,8 @@ class ESAM(SAM):
 
     Args:
         params: parameters or param groups.
-        base_optimizer: the optimizer class to wrap, e.g. ``torch.optim.SGD``.
+        base_optimizer: the optimizer to wrap (a class such as ``torch.optim.SGD``, or a
+            callable that builds one; see :class:`~flatmin.optim.sam.SAM`).
         rho: radius ρ (before the ``1/β`` rescaling).
         beta: probability β ∈ (0, 1] that a parameter tensor is perturbed (1: all).
         gamma: fraction γ ∈ (0, 1] of the batch in the second pass (1: all samples).
@@ -108,7 +110,7 @@ class ESAM(SAM):
     def __init__(
         self,
         params: Iterable[Any],
-        base_optimizer: type[Optimizer],
+        base_optimizer: OptimizerFactory,
         rho: float = 0.05,
         beta: float = 0.6,
         gamma: float = 0.5,
@@ -194,25 +196,32 @@ class ESAM(SAM):
 
     # -- driving a step -------------------------------------------------------------------
 
+    @step_entry
     def second_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
         super().second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
         self.steps_done += 1
 
+    @step_entry
     def run_first_pass(
-        self, closure: Callable[..., Tensor], *, skip_unused_gradients: bool = True
+        self,
+        closure: Callable[..., Tensor],
+        *,
+        skip_unused_gradients: bool = True,
+        grad_scaler: Any = None,
     ) -> Tensor:
         """The first pass at ``w``: ``closure()`` gives per-sample losses, whose mean's
         gradient is taken here; returns that mean (detached). With
         ``freeze_unperturbed`` and ``skip_unused_gradients`` the tensors this step leaves
         unperturbed are frozen meanwhile (a synchronizing DDP backward needs every
         gradient, so :func:`~flatmin.distributed.sam.sam_step` turns it off there). A
-        SAM-style closure (backward inside, scalar loss) is run as it is."""
+        SAM-style closure (backward inside, scalar loss) is run as it is. With a
+        ``grad_scaler`` the mean loss is scaled before the backward."""
         freeze = self.freeze_unperturbed and skip_unused_gradients
         with self.unperturbed_frozen() if freeze else nullcontext():
             before = closure()
             per_sample = isinstance(before, Tensor) and before.ndim > 0
             if per_sample:
-                before.mean().backward()
+                _scaled(before.mean(), grad_scaler).backward()
         if per_sample:
             self._first_losses = before.detach()
             return self._first_losses.mean()
@@ -227,19 +236,21 @@ class ESAM(SAM):
         self._first_losses = None
         return before
 
-    def run_second_pass(self, closure: Callable[..., Tensor]) -> None:
+    @step_entry
+    def run_second_pass(self, closure: Callable[..., Tensor], *, grad_scaler: Any = None) -> None:
         """The second pass at ``w + ε``: with ``gamma < 1`` a no-grad forward of the batch
         picks the ``⌈γB⌉`` samples whose loss rose most (:meth:`select_samples`), and the
-        gradient of their mean loss is taken; with ``gamma = 1`` every sample's."""
+        gradient of their mean loss is taken; with ``gamma = 1`` every sample's (the mean
+        scaled by ``grad_scaler`` if given)."""
         before = self._first_losses
         if before is None:
             closure()
         elif self.gamma < 1:
             with torch.no_grad():
                 after = closure()
-            closure(self.select_samples(before, after)).mean().backward()
+            _scaled(closure(self.select_samples(before, after)).mean(), grad_scaler).backward()
         else:
-            closure().mean().backward()
+            _scaled(closure().mean(), grad_scaler).backward()
 
     # -- checkpointing ------------------------------------------------------------------
 
@@ -252,6 +263,10 @@ class ESAM(SAM):
     ) -> None:
         self.steps_done = int(values["steps_done"])
         self.seed = int(values["seed"])
+
+
+def _scaled(loss: Tensor, grad_scaler: Any) -> Tensor:
+    return loss if grad_scaler is None else grad_scaler.scale(loss)
 
 
 def _splitmix64(seed: int, step: int) -> int:

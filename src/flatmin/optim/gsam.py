@@ -46,9 +46,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from flatmin._checks import check_real
+from flatmin.optim._base import OptimizerFactory
 from flatmin.optim._buckets import Bucket, global_dot, global_norm
 from flatmin.optim._settings import check_rho
 from flatmin.optim.sam import SAM
@@ -61,7 +61,8 @@ class GSAM(SAM):
 
     Args:
         params: parameters or param groups.
-        base_optimizer: the optimizer class to wrap, e.g. ``torch.optim.SGD``.
+        base_optimizer: the optimizer to wrap (a class such as ``torch.optim.SGD``, or a
+            callable that builds one; see :class:`~flatmin.optim.sam.SAM`).
         rho: ρ_max, the radius at the largest learning rate.
         alpha: weight α ≥ 0 of the orthogonal component ``g_⊥`` subtracted from ``g_s``.
         rho_min: ρ_min, the radius at ``lr_min`` (``rho_min = rho`` keeps ρ constant).
@@ -85,7 +86,7 @@ class GSAM(SAM):
     def __init__(
         self,
         params: Iterable[Any],
-        base_optimizer: type[Optimizer],
+        base_optimizer: OptimizerFactory,
         rho: float = 0.05,
         alpha: float = 0.4,
         *,

@@ -56,24 +56,26 @@ weights' bf16 resolution, so ``g_s ≈ g`` and ``g_v`` is little more than round
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.optim import Optimizer
+from torch import Tensor
 
 from flatmin._checks import check_int, check_real
+from flatmin.optim._base import OptimizerFactory
 from flatmin.optim._buckets import Bucket, global_dot, global_norm, make_buckets, weighted
+from flatmin.optim._entry import step_entry
 from flatmin.optim.sam import SAM
 
 
 class LookSAM(SAM):
-    """LookSAM wrapping any ``torch.optim.Optimizer`` class.
+    """LookSAM wrapping any ``torch.optim.Optimizer``.
 
     Args:
         params: parameters or param groups.
-        base_optimizer: the optimizer class to wrap, e.g. ``torch.optim.SGD``.
+        base_optimizer: the optimizer to wrap (a class such as ``torch.optim.SGD``, or a
+            callable that builds one; see :class:`~flatmin.optim.sam.SAM`).
         rho: radius ρ of the full steps' perturbation.
         k: a full SAM step every ``k`` steps (``k = 1`` is SAM, apart from ``g_v``).
         alpha: weight α ≥ 0 of the reused direction on the other steps.
@@ -92,7 +94,7 @@ class LookSAM(SAM):
     def __init__(
         self,
         params: Iterable[Any],
-        base_optimizer: type[Optimizer],
+        base_optimizer: OptimizerFactory,
         rho: float = 0.05,
         k: int = 5,
         alpha: float = 0.7,
@@ -114,6 +116,7 @@ class LookSAM(SAM):
 
     # -- driving a step ------------------------------------------------------------------
 
+    @step_entry
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
         """On a full step: move to ``w + ε`` as SAM does. On a reuse step: update ``w``
         with ``g + α·(‖g‖/‖g_v‖)·g_v`` and finish the step (no second pass follows)."""
@@ -143,20 +146,10 @@ class LookSAM(SAM):
         if zero_grad:
             self.zero_grad()
 
+    @step_entry
     def second_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
         super().second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
         self.steps_done += 1
-
-    def step(
-        self, closure: Callable[[], Tensor] | None = None, *, model: nn.Module | None = None
-    ) -> Tensor | None:
-        """One LookSAM step: the closure runs twice on full steps, once on reuse steps."""
-        if closure is None or not self.is_reuse_step:
-            return super().step(closure, model=model)
-        with torch.enable_grad():
-            loss = self.run_first_pass(closure)
-        self.first_step()
-        return loss
 
     # -- hooks of the SAM engine ------------------------------------------------------
 

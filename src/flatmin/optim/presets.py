@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from torch.optim import Optimizer
-
+from flatmin.optim._base import OptimizerFactory
 from flatmin.optim.sam import SAM
 
 
@@ -23,7 +22,7 @@ class ASAM(SAM):
     def __init__(
         self,
         params: Iterable[Any],
-        base_optimizer: type[Optimizer],
+        base_optimizer: OptimizerFactory,
         rho: float = 0.5,
         adaptive: str = "weights",
         stable: bool = False,
@@ -49,7 +48,7 @@ class StableSAM(SAM):
     def __init__(
         self,
         params: Iterable[Any],
-        base_optimizer: type[Optimizer],
+        base_optimizer: OptimizerFactory,
         rho: float = 0.05,
         adaptive: str | None = None,
         **kwargs: Any,

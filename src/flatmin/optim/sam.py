@@ -41,7 +41,8 @@ here ``γ = 1``. They use it on top of USAM (``normalize=False``), SAM and ASAM.
 
 Two ways to drive a step::
 
-    loss = opt.step(closure, model=model)      # closure: forward + backward, returns loss
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=model)
+    loss = opt.step(closure)                   # closure: forward + backward, returns loss
 
     loss_fn(model(x), y).backward()
     opt.first_step(zero_grad=True)             # w ← w + ε (a copy of w is kept)
@@ -49,12 +50,25 @@ Two ways to drive a step::
         loss_fn(model(x), y).backward()
     opt.second_step(zero_grad=True)            # w ← saved copy, then the base step
 
+``model=`` (given once to the constructor, or to ``step``) keeps the model's BatchNorm
+statistics to the first pass; a framework that calls ``optimizer.step(closure)`` itself
+(Lightning, accelerate) then gets this without passing anything.
+
 Mixed precision: under ``torch.autocast`` nothing changes. With a
 ``torch.amp.GradScaler``, scale both losses and pass the scaler to ``first_step`` and
-``second_step``: it unscales once, and a non-finite gradient in either pass skips the
-step with weights and optimizer state untouched. Gradient accumulation: ``backward`` on
-every micro-batch before each of the two steps; ε comes from the accumulated gradient.
-``max_grad_norm`` clips the final direction, after unscaling, before the base step.
+``second_step`` (or to ``step``, whose closure scales its loss): it unscales once, and a
+non-finite gradient in either pass skips the step with weights and optimizer state
+untouched. Gradient accumulation: ``backward`` on every micro-batch before each of the
+two steps, or every micro-batch inside the one closure of ``step``; ε comes from the
+accumulated gradient. ``step(closure)`` refuses gradients accumulated *outside* its
+closure (:mod:`flatmin.optim._accumulation`). ``max_grad_norm`` clips the final
+direction, after unscaling, before the base step.
+
+The base optimizer is stepped directly (``base_optimizer.step()``): LR schedulers and
+step hooks attached to the SAM optimizer see one ``step`` per ``step(closure)``, and
+the explicit passes count as a step for the scheduler's order check. The step methods
+run eagerly and on the real optimizer when reached through a framework's proxy
+(:mod:`flatmin.optim._entry`).
 
 ``state_dict()`` has torch's layout (:mod:`flatmin.optim._state_dict`); resuming from it
 is bit-exact.
@@ -63,7 +77,6 @@ is bit-exact.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -71,6 +84,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from flatmin._checks import check_real
+from flatmin.optim._base import OptimizerFactory, build_base, check_factory
 from flatmin.optim._buckets import (
     Bucket,
     adaptive_scale,
@@ -82,18 +96,21 @@ from flatmin.optim._buckets import (
     weighted,
 )
 from flatmin.optim._buffers import ReusableBuffers
+from flatmin.optim._closure_step import ClosureStep
+from flatmin.optim._entry import step_entry
 from flatmin.optim._settings import DEFAULT_ETA, check_group_settings
 from flatmin.optim._state_dict import MethodStateDict
-from flatmin.optim.bn import running_stats_frozen
 
 
-class SAM(MethodStateDict, Optimizer):
+class SAM(MethodStateDict, ClosureStep, Optimizer):
     """Sharpness-Aware Minimization wrapping any ``torch.optim.Optimizer`` class.
 
     Args:
         params: parameters or param groups (named parameters are accepted and let the
             official ASAM rule tell weights from other parameters by name).
-        base_optimizer: the optimizer *class* to wrap, e.g. ``torch.optim.SGD``.
+        base_optimizer: the optimizer to wrap: a class such as ``torch.optim.SGD``, or
+            any callable ``f(param_groups, **base_kwargs)`` that builds one over exactly
+            these parameters (``functools.partial``, timm's optimizer factories).
         rho: neighbourhood radius ρ ≥ 0 (per group allowed).
         adaptive: ``None`` (SAM), ``"weights"`` (official ASAM) or ``"all"`` (the
             popular port's form); per group allowed.
@@ -107,12 +124,16 @@ class SAM(MethodStateDict, Optimizer):
         skip_nonfinite: without a GradScaler, skip the step when the first-pass gradient
             is not finite (costs one host synchronisation per step). With a GradScaler
             the skip is always on and free.
+        model: the module whose BatchNorm statistics ``step(closure)`` keeps to the
+            first pass (``step(closure, model=...)`` overrides it for one step). The
+            optimizer keeps a reference to it.
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, …).
 
     Example::
 
-        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
-        loss = opt.step(lambda: (l := loss_fn(model(x), y)).backward() or l, model=model)
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+                  model=model)
+        loss = opt.step(lambda: (l := loss_fn(model(x), y)).backward() or l)
 
     Traits (what code driving any member of the family relies on):
         uses_clean_gradient: True when the update uses the first-pass gradient ``g``
@@ -138,7 +159,7 @@ class SAM(MethodStateDict, Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        base_optimizer: type[Optimizer],
+        base_optimizer: OptimizerFactory,
         rho: float = 0.05,
         adaptive: str | None = None,
         stable: bool = False,
@@ -148,12 +169,14 @@ class SAM(MethodStateDict, Optimizer):
         stable_cap: bool = False,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        model: nn.Module | None = None,
         **base_kwargs: Any,
     ) -> None:
-        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
+        check_factory(base_optimizer, SAM)
+        if model is not None and not isinstance(model, nn.Module):
             raise TypeError(
-                "base_optimizer must be an optimizer class such as torch.optim.SGD (its "
-                f"keyword arguments go to SAM), got {base_optimizer!r}"
+                "model must be the nn.Module being trained (its BatchNorm statistics are kept "
+                f"to the first pass), got {type(model).__name__}"
             )
         check_group_settings(dict(rho=rho, adaptive=adaptive, eta=eta))
         if max_grad_norm is not None:
@@ -174,12 +197,15 @@ class SAM(MethodStateDict, Optimizer):
         self.stable_cap = stable_cap
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
+        self.model = model
         self.replica_mean: Callable[[list[Tensor]], None] | None = None
         self._buffers = ReusableBuffers()
         super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta))
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.base_optimizer = build_base(base_optimizer, self.param_groups, base_kwargs, SAM)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        for group in self.param_groups:  # a factory may have built its own group dicts
+            self._complete_group(group)
         self.defaults.update(self.base_optimizer.defaults)
         if eta is not None and not any(g["adaptive"] for g in self.param_groups):
             raise ValueError(
@@ -199,17 +225,23 @@ class SAM(MethodStateDict, Optimizer):
         """True between ``first_step`` and ``second_step`` (weights are at ``w + ε``)."""
         return self._backup is not None
 
+    @step_entry
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group as torch does; its ρ, adaptive form and η are checked first."""
-        for key in ("rho", "adaptive", "eta"):
-            param_group.setdefault(key, self.defaults[key])
-        self._check_group(param_group)
-        if param_group["eta"] is None and param_group["adaptive"] is not None:
-            param_group["eta"] = DEFAULT_ETA[param_group["adaptive"]]
+        self._complete_group(param_group)
         if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
             super().add_param_group(param_group)
         else:
             self.base_optimizer.add_param_group(param_group)
+
+    def _complete_group(self, group: dict[str, Any]) -> None:
+        """Give a group the constructor's ρ, adaptive form and η where it has none, check
+        them, and fill in the adaptive form's default η."""
+        for key in ("rho", "adaptive", "eta"):
+            group.setdefault(key, self.defaults[key])
+        self._check_group(group)
+        if group["eta"] is None and group["adaptive"] is not None:
+            group["eta"] = DEFAULT_ETA[group["adaptive"]]
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise a clear error for a param group whose SAM settings are unusable."""
@@ -220,7 +252,6 @@ class SAM(MethodStateDict, Optimizer):
         self._backup: list[list[Tensor]] | None = None
         self._grad_norm: Tensor | None = None
         self._first_finite: Tensor | None = None
-        self._base_step_pending = False
 
     def _params(self) -> list[Tensor]:
         """Every parameter, in param-group order (the state dict's numbering)."""
@@ -231,6 +262,7 @@ class SAM(MethodStateDict, Optimizer):
 
     # -- the two passes ------------------------------------------------------------
 
+    @step_entry
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
         """Move to ``w + ε`` computed from the gradient now in ``.grad``; keep ``w``."""
@@ -266,6 +298,7 @@ class SAM(MethodStateDict, Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @step_entry
     def second_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
         """Restore ``w`` exactly and apply the base optimizer with the update direction."""
         if not self.is_perturbed:
@@ -288,7 +321,12 @@ class SAM(MethodStateDict, Optimizer):
         """Apply the base optimizer to the direction ``d`` now in ``.grad`` (renormalised
         with ``stable``, averaged over replicas by :attr:`replica_mean` if set, unscaled,
         clipped), or skip it when ``finite`` is false; LookSAM's reuse steps use it too.
-        ``clean_norm`` is ``‖T g‖`` over ``buckets``, the tensors of the first pass."""
+        ``clean_norm`` is ``‖T g‖`` over ``buckets``, the tensors of the first pass.
+
+        The base optimizer is stepped directly. With a GradScaler: ``unscale_`` once (it
+        records what ``scaler.update()`` needs and refuses a second unscale), then the
+        step is skipped, as ``GradScaler.step`` would, when any unscaled gradient is not
+        finite (the first pass's verdict was folded into them)."""
         if self.stable:
             with torch.no_grad():
                 self._renormalize(buckets, clean_norm)
@@ -298,20 +336,16 @@ class SAM(MethodStateDict, Optimizer):
             self.replica_mean([p.grad for p in self._params() if p.grad is not None])
         if grad_scaler is not None:
             grad_scaler.unscale_(self)
+            grads = make_buckets(self.param_groups, adaptive_rule=False)
+            take = bool(torch.isfinite(global_norm([b.grads for b in grads], finite.device)))
+        else:
+            take = not self.skip_nonfinite or bool(finite)
+        if take:
             self._clip()
-            self._base_step_pending = True
-            try:
-                grad_scaler.step(self)
-            finally:
-                self._base_step_pending = False
-        elif not self.skip_nonfinite or bool(finite):
-            self._clip()
-            self._base_step_pending = True
-            try:
-                self.step()
-            finally:
-                self._base_step_pending = False
+            self.base_optimizer.step()
+            self._opt_called = True  # what torch's LR schedulers check for a step
 
+    @step_entry
     @torch.no_grad()
     def restore_weights(self) -> None:
         """Copy the saved ``w`` back into every perturbed parameter (exact, idempotent)."""
@@ -321,58 +355,13 @@ class SAM(MethodStateDict, Optimizer):
             torch._foreach_copy_(b.params, saved)
         self._backup = None
 
+    @step_entry
     def abandon_step(self) -> None:
         """Give up a step after ``first_step``: restore ``w`` exactly, forget the pass's
         transient state and gradients; the optimizer state is as before the step."""
         self.restore_weights()
         self._clear_transient()
         self.zero_grad()
-
-    def step(
-        self, closure: Callable[..., Tensor] | None = None, *, model: nn.Module | None = None
-    ) -> Tensor | None:
-        """One full step. ``closure`` runs forward and backward and returns the loss.
-
-        It is called at ``w`` (:meth:`run_first_pass`) and at ``w + ε``
-        (:meth:`run_second_pass`). Pass ``model`` to keep its BatchNorm statistics to the
-        first pass. Returns the first-pass loss. If the second pass raises, the weights
-        are restored before the exception propagates.
-        """
-        if closure is None:
-            if self._base_step_pending:
-                return self.base_optimizer.step()
-            raise ValueError(
-                f"{type(self).__name__}.step() needs a closure that runs the forward and "
-                "backward pass and returns the loss, e.g. opt.step(lambda: "
-                "(loss := loss_fn(model(x), y)).backward() or loss); or call "
-                "first_step() and second_step() yourself"
-            )
-        with torch.enable_grad():
-            loss = self.run_first_pass(closure)
-        self.first_step(zero_grad=True)
-        try:
-            with torch.enable_grad(), _frozen_or_not(model):
-                self.run_second_pass(closure)
-        except BaseException:
-            self.abandon_step()
-            raise
-        self.second_step()
-        return loss
-
-    def run_first_pass(
-        self, closure: Callable[..., Tensor], *, skip_unused_gradients: bool = True
-    ) -> Tensor:
-        """The first pass of :meth:`step` at ``w``: ``closure()``, which leaves ``g`` in
-        ``.grad``; returns the loss to report. ``skip_unused_gradients=False`` when the
-        backward must produce every gradient (a synchronizing DDP backward); only ESAM
-        skips any."""
-        del skip_unused_gradients
-        return closure()
-
-    def run_second_pass(self, closure: Callable[..., Tensor]) -> None:
-        """The second pass of :meth:`step` at ``w + ε``: ``closure()`` leaves ``g_s`` in
-        ``.grad``. Call it with BatchNorm statistics frozen, after :meth:`first_step`."""
-        closure()
 
     # -- pieces that the rest of the family overrides -------------------------------
 
@@ -423,11 +412,6 @@ class SAM(MethodStateDict, Optimizer):
         if self.max_grad_norm is not None:
             with torch.no_grad():
                 clip_gradients_(self.param_groups, self.max_grad_norm, self._reference_device())
-
-
-def _frozen_or_not(model: nn.Module | None) -> Any:
-    """BatchNorm statistics frozen for the second pass when a model is given."""
-    return running_stats_frozen(model) if model is not None else nullcontext()
 
 
 def _scale_of(grad_scaler: Any, device: torch.device) -> Tensor:
