@@ -46,10 +46,10 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from flatmin._checks import check_int
 from flatmin.bench.memory import peak_rss_bytes
 from flatmin.bench.stats import median
 from flatmin.bench.workload import CASES, MethodRunner, SpeedCase
+from flatmin.optim._checks import check_int
 from flatmin.train.models import build_model
 from flatmin.train.registry import METHODS
 

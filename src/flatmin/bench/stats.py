@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flatmin._checks import check_real
+from flatmin.optim._checks import check_real
 
 _TINY = 1e-300
 

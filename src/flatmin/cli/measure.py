@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from flatmin._checks import check_int, check_real
 from flatmin.measure import (
     gaussian_noise_curve,
     hessian_eigenvalues,
@@ -43,6 +42,7 @@ from flatmin.measure import (
     sam_sharpness,
 )
 from flatmin.measure.noise import DEFAULT_SCALES
+from flatmin.optim._checks import check_int, check_real
 from flatmin.train.checkpoint import LoadedRun, load_run
 
 

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from flatmin._checks import check_int
 from flatmin.distributed.collectives import norm_statistics
 from flatmin.distributed.sam import check_two_pass
+from flatmin.optim._checks import check_int
 from flatmin.optim.bn import running_stats_frozen
 
 

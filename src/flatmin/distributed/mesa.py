@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from flatmin._checks import check_choice
 from flatmin.distributed.collectives import (
     STATISTICS_SYNCS,
     ProcessGroup,
@@ -34,6 +33,7 @@ from flatmin.distributed.collectives import (
     sync_norm_statistics,
     world_size,
 )
+from flatmin.optim._checks import check_choice
 from flatmin.trajectory.mesa import MESA
 
 

@@ -90,7 +90,6 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from flatmin._checks import check_choice
 from flatmin.distributed.collectives import (
     STATISTICS_SYNCS,
     ProcessGroup,
@@ -100,6 +99,7 @@ from flatmin.distributed.collectives import (
     sync_norm_statistics,
     world_size,
 )
+from flatmin.optim._checks import check_choice
 from flatmin.optim.bn import running_stats_frozen
 
 Perturbation = Literal["local", "global"]

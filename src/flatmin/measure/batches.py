@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flatmin._checks import check_int
+from flatmin.optim._checks import check_int
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -29,7 +29,6 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from flatmin._checks import check_choice, check_int, check_real
 from flatmin.measure._state import measuring, trainable_parameters
 from flatmin.measure.batches import (
     Batch,
@@ -39,6 +38,7 @@ from flatmin.measure.batches import (
     model_device,
     num_samples,
 )
+from flatmin.optim._checks import check_choice, check_int, check_real
 
 Progress = Callable[[Iterable], Iterable]
 Which = Literal["largest", "smallest", "magnitude"]

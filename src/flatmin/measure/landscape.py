@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flatmin._checks import check_choice, check_int, check_real
 from flatmin.measure._state import measuring, trainable_parameters
 from flatmin.measure.batches import (
     Batch,
@@ -38,6 +37,7 @@ from flatmin.measure.batches import (
     model_device,
     num_samples,
 )
+from flatmin.optim._checks import check_choice, check_int, check_real
 
 Progress = Callable[[Iterable], Iterable]
 Normalization = Literal["filter", "layer"] | None

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from flatmin._checks import check_int, check_real
 from flatmin.measure._state import measuring, trainable_parameters
 from flatmin.measure.batches import LossFn, collect_batches, mean_loss, model_device, num_samples
 from flatmin.measure.landscape import Normalization, random_direction
+from flatmin.optim._checks import check_int, check_real
 
 Progress = Callable[[Iterable], Iterable]
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flatmin._checks import check_int, check_real
 from flatmin.measure._state import measuring, trainable_parameters
 from flatmin.measure.batches import (
     Batch,
@@ -40,6 +39,7 @@ from flatmin.measure.batches import (
     split_batches,
 )
 from flatmin.optim._buckets import is_adaptive_weight
+from flatmin.optim._checks import check_int, check_real
 from flatmin.optim._settings import DEFAULT_ETA, check_adaptive, check_rho
 
 Progress = Callable[[Iterable], Iterable]

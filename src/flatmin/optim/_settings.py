@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flatmin._checks import check_choice, check_real
+from flatmin.optim._checks import check_choice, check_real
 
 ADAPTIVE_FORMS = (None, "weights", "all")
 DEFAULT_ETA = {"weights": 0.01, "all": 0.0}

@@ -76,9 +76,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatmin._checks import check_int, check_real
 from flatmin.optim._base import OptimizerFactory
 from flatmin.optim._buckets import Bucket
+from flatmin.optim._checks import check_int, check_real
 from flatmin.optim._entry import step_entry
 from flatmin.optim.sam import SAM
 

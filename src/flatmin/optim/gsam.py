@@ -47,9 +47,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatmin._checks import check_real
 from flatmin.optim._base import OptimizerFactory
 from flatmin.optim._buckets import Bucket, global_dot, global_norm
+from flatmin.optim._checks import check_real
 from flatmin.optim._settings import check_rho
 from flatmin.optim.sam import SAM
 

@@ -62,9 +62,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatmin._checks import check_int, check_real
 from flatmin.optim._base import OptimizerFactory
 from flatmin.optim._buckets import Bucket, global_dot, global_norm, make_buckets, weighted
+from flatmin.optim._checks import check_int, check_real
 from flatmin.optim._entry import step_entry
 from flatmin.optim.sam import SAM
 

@@ -83,7 +83,6 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from flatmin._checks import check_real
 from flatmin.optim._base import OptimizerFactory, build_base, check_factory
 from flatmin.optim._buckets import (
     Bucket,
@@ -96,6 +95,7 @@ from flatmin.optim._buckets import (
     weighted,
 )
 from flatmin.optim._buffers import ReusableBuffers
+from flatmin.optim._checks import check_real
 from flatmin.optim._closure_step import ClosureStep
 from flatmin.optim._entry import step_entry
 from flatmin.optim._settings import DEFAULT_ETA, check_group_settings

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flatmin._checks import check_choice, check_int, check_real
+from flatmin.optim._checks import check_choice, check_int, check_real
 from flatmin.train.data import DATASETS, DatasetBundle, load_dataset
 from flatmin.train.models import MODELS
 from flatmin.train.registry import get_method

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from flatmin._checks import check_int, check_real
+from flatmin.optim._checks import check_int, check_real
 from flatmin.train._cifar import CIFAR_LAYOUTS, read_cifar
 from flatmin.train._idx import read_idx
 from flatmin.train._mnist1d import default_cache_dir, load_mnist1d

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from flatmin._checks import check_choice, check_int, check_real
+from flatmin.optim._checks import check_choice, check_int, check_real
 from flatmin.train.method import Method, MethodContext
 
 HyperValue = float | int | bool

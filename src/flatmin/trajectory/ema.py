@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatmin._checks import check_int, check_real
+from flatmin.optim._checks import check_int, check_real
 
 
 class EMA(nn.Module):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flatmin._checks import check_choice, check_int
+from flatmin.optim._checks import check_choice, check_int
 
 NEVER_WRITTEN = torch.iinfo(torch.int32).min
 """Epoch recorded in a slot nothing has been written to (never equal to ``e − Ẽ``)."""

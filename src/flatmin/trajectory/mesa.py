@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from flatmin._checks import check_choice, check_int, check_real
+from flatmin.optim._checks import check_choice, check_int, check_real
 from flatmin.trajectory.ema import EMA
 from flatmin.trajectory.fold import FoldedForward, has_forward_hooks
 from flatmin.trajectory.kl import tempered_kl, zero_term

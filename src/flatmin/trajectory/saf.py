@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatmin._checks import check_int, check_real
+from flatmin.optim._checks import check_int, check_real
 from flatmin.trajectory.kl import tempered_kl, zero_term
 from flatmin.trajectory.logit_store import LogitStore
 

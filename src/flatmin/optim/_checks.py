@@ -1,5 +1,8 @@
 """Argument checks shared by every part of flatmin: one message style, in one place.
 
+They live in the lowest layer (the optimizers' package) so that every package may import
+them without an upward import.
+
 Each check returns the value (as ``float`` or ``int`` where it says so) or raises: a
 ``TypeError`` for a value of the wrong kind, a ``ValueError`` for one out of range. The
 message names the argument, says what was expected and shows what was given, e.g.

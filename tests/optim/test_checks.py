@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from flatmin._checks import check_choice, check_int, check_real
+from flatmin.optim._checks import check_choice, check_int, check_real
 
 
 @pytest.mark.parametrize("value", [0, 0.05, 2, np.float32(0.5)])
