@@ -274,6 +274,28 @@ def test_select_samples_keeps_ceil_gamma_b_of_the_largest_rises():
         opt.select_samples(torch.zeros(3), torch.zeros(4))
 
 
+@pytest.mark.parametrize("others", [-1e6, 1e6])
+def test_selection_over_processes_weights_the_chosen_rows_by_w_over_s(others):
+    """With ``sample_gather`` (sam_step on an FSDP2 model sets it) the ⌈γ·B⌉ largest rises
+    of the global batch are chosen; here this process is rank 1 of 2 and the other rank's
+    rises are far below (all four of ours chosen, weight 2/4) or far above (none of ours:
+    one row with weight 0, so the backward still runs and moves nothing)."""
+    model = LeastSquares()
+    x, y = least_squares_data(batch=4)
+    lr = 0.05
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.3, beta=1.0, gamma=0.5, seed=3, lr=lr)
+    opt.sample_gather = lambda rise: (torch.cat([torch.full((4,), others, dtype=DT), rise]), 4, 2)
+    if others < 0:  # SGD on (2/4)·Σ_4 ∇ℓ_i = 2 · mean: the step of lr·2 on all rows
+        expected, _ = expected_esam_step(model, x, y, [True] * 5, 0.3, 1.0, 1.0, 2 * lr)
+    else:
+        expected = model.weight()
+    log = []
+    opt.step(per_sample_closure(model, x, y, log))
+    rows = log[-1][0]
+    assert sorted(rows.tolist()) == ([0, 1, 2, 3] if others < 0 else [0])
+    torch.testing.assert_close(model.weight(), expected, rtol=0, atol=1e-13)
+
+
 class TestBadInput:
     @pytest.mark.parametrize("name", ["beta", "gamma"])
     @pytest.mark.parametrize(

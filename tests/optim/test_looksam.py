@@ -158,8 +158,13 @@ def test_state_dict_has_torch_layout_with_g_v_per_parameter_and_counters_in_grou
     params = list(model.parameters())
     opt = LookSAM(model.parameters(), torch.optim.SGD, k=2, lr=0.05, momentum=0.9)
     sd = opt.state_dict()
-    assert set(sd) == {"state", "param_groups"} and sd["state"] == {}
-    assert (sd["param_groups"][0]["steps_done"], sd["param_groups"][0]["g_v_norm"]) == (0, None)
+    # Before the first step: the same layout, with zeros (a complete template for
+    # torch.distributed.checkpoint, which loads into a fresh optimizer's state dict).
+    assert set(sd) == {"state", "param_groups"}
+    assert all(set(sd["state"][i]) == {"g_v"} for i in range(len(params)))
+    assert all(not g_v.any() for g_v in g_v_of(sd))
+    assert (sd["param_groups"][0]["steps_done"], sd["param_groups"][0]["g_v_norm"]) == (0, 0.0)
+    assert not opt.is_reuse_step
     train(model, opt, batches(1))
     sd = opt.state_dict()
     assert set(sd["state"]) == set(range(len(params)))

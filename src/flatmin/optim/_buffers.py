@@ -23,7 +23,9 @@ class ReusableBuffers:
 
     def get(self, slot: str, buckets: list[Bucket]) -> list[list[Tensor]]:
         """One buffer per parameter of each bucket (contents undefined until written)."""
-        key = [tuple(id(p) for p in b.params) for b in buckets]
+        # Keyed on the parameters themselves: a DTensor's local view is a new object on
+        # every call, so its id says nothing.
+        key = [tuple(id(p) for p in b.owners) for b in buckets]
         if slot not in self._slots or self._slots[slot][0] != key:
             flats, views = [], []
             for b in buckets:

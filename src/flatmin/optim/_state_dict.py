@@ -148,8 +148,13 @@ def check_loadable(optimizer: SAM, state_dict: Any) -> None:
             )
         optimizer._check_group(group)
     params = optimizer._params()
-    for i, entry in state_dict["state"].items():
-        if not (isinstance(entry, Mapping) and isinstance(i, int) and 0 <= i < len(params)):
+    # State keys are the ids in the groups' "params": integers from state_dict(), the
+    # parameters' names from torch.distributed.checkpoint's set_optimizer_state_dict.
+    saved_ids = [key for group in state_dict["param_groups"] for key in group["params"]]
+    position = {key: i for i, key in enumerate(saved_ids) if i < len(params)}
+    for key_of_param, entry in state_dict["state"].items():
+        i = position.get(key_of_param)
+        if i is None or not isinstance(entry, Mapping):
             continue  # torch's own loading decides about entries that are not ours
         for key in optimizer._state_keys:
             value = entry.get(key)

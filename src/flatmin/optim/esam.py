@@ -102,6 +102,19 @@ class ESAM(SAM):
         **kwargs: SAM options and the base optimizer's keyword arguments.
 
     ``state_dict()`` keeps ``steps_done`` and ``seed`` in every param group.
+
+    Attributes:
+        sample_gather: ``None``, or a collective that all-gathers a per-sample tensor
+            over the data-parallel processes and returns ``(the concatenation in rank
+            order, this process's offset in it, the number of processes)``. When set,
+            the second pass selects the ``⌈γ·B⌉`` samples of the *global* batch ``B``
+            whose loss rose most; each process runs its own selected rows ``S_r`` with
+            the loss ``(W/|S|)·Σ_{i∈S_r} ℓ_i``, so the gradient averaged over the ``W``
+            processes is ``mean_{i∈S} ∇ℓ_i``, as on one process with the whole batch (a
+            process none of whose rows is selected runs one row with weight 0, so that
+            its backward still takes part in the collectives).
+            :func:`flatmin.distributed.sam.sam_step` sets it for the duration of a step
+            on a sharded (FSDP2) model; leave it ``None`` otherwise.
     """
 
     per_sample_closure = True
@@ -131,6 +144,7 @@ class ESAM(SAM):
         self.freeze_unperturbed = freeze_unperturbed
         self.steps_done = 0
         self._warned_scalar_loss = False
+        self.sample_gather: Callable[[Tensor], tuple[Tensor, int, int]] | None = None
 
     def _clear_transient(self) -> None:
         super()._clear_transient()
@@ -191,8 +205,24 @@ class ESAM(SAM):
                 f"reduction='none'), got shapes {tuple(loss_before.shape)} and "
                 f"{tuple(loss_after.shape)}"
             )
-        count = max(1, math.ceil(self.gamma * loss_before.numel() - 1e-9))
-        return torch.topk(loss_after.detach() - loss_before.detach(), count).indices
+        rise = loss_after.detach() - loss_before.detach()
+        return torch.topk(rise, self._selection_size(rise.numel())).indices
+
+    def _selection_size(self, batch: int) -> int:
+        return max(1, math.ceil(self.gamma * batch - 1e-9))
+
+    def _select_over_processes(
+        self, loss_before: Tensor, loss_after: Tensor
+    ) -> tuple[Tensor, float]:
+        """This process's rows of the global batch's selection and their loss weight
+        ``W/|S|`` (see :attr:`sample_gather`)."""
+        rise = loss_after.detach() - loss_before.detach()
+        every, offset, processes = self.sample_gather(rise)
+        chosen = torch.topk(every, self._selection_size(every.numel())).indices
+        mine = chosen[(chosen >= offset) & (chosen < offset + rise.numel())] - offset
+        if mine.numel() == 0:
+            return torch.zeros(1, dtype=torch.long, device=rise.device), 0.0
+        return mine, processes / chosen.numel()
 
     # -- driving a step -------------------------------------------------------------------
 
@@ -248,7 +278,12 @@ class ESAM(SAM):
         elif self.gamma < 1:
             with torch.no_grad():
                 after = closure()
-            _scaled(closure(self.select_samples(before, after)).mean(), grad_scaler).backward()
+            if self.sample_gather is None:
+                loss = closure(self.select_samples(before, after)).mean()
+            else:
+                rows, weight = self._select_over_processes(before, after)
+                loss = closure(rows).sum() * weight
+            _scaled(loss, grad_scaler).backward()
         else:
             _scaled(closure().mean(), grad_scaler).backward()
 

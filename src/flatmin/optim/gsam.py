@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from flatmin.optim._base import OptimizerFactory
-from flatmin.optim._buckets import Bucket, global_dot, global_norm
+from flatmin.optim._buckets import Bucket, global_dot_and_norm, shards_of
 from flatmin.optim._checks import check_real
 from flatmin.optim._settings import check_rho
 from flatmin.optim.sam import SAM
@@ -153,8 +153,9 @@ class GSAM(SAM):
         """``.grad ← g_s − α·g_⊥ = (1 + α c)·g_s − α·g`` with ``c = ⟨g,g_s⟩/‖g_s‖²``."""
         device = self._reference_device()
         surrogate = [b.grads for b in buckets]
-        inner = global_dot(self._clean_grads, surrogate, device)
-        sq_norm = global_norm(surrogate, device).square()
+        inner, sq_norm = global_dot_and_norm(
+            self._clean_grads, surrogate, device, shards_of(buckets)
+        ).unbind()
         coef = torch.where(sq_norm > 0, inner / sq_norm, 0.0)
         surrogate_scale = 1.0 + self.alpha * coef
         for b, clean in zip(buckets, self._clean_grads):

@@ -31,8 +31,11 @@ applies the base optimizer and leaves the weights unperturbed), so
 The step counter, ``g_v`` and ``‖g_v‖`` are LookSAM's own state: ``state_dict()`` keeps
 ``g_v`` of parameter ``i`` in ``["state"][i]["g_v"]`` and ``steps_done`` and ``g_v_norm``
 in every param group, so a resumed run reuses exactly the direction the interrupted one
-would have. A ``g_v`` from a step with a non-finite gradient (e.g. a GradScaler overflow)
-is not kept: the previous one stays.
+would have. The layout does not depend on the history: before the first full step every
+``g_v`` is zeros and ``g_v_norm`` is 0, so a fresh optimizer's state dict is a complete
+template for ``torch.distributed.checkpoint``, which loads into one in place. A ``g_v``
+from a step with a non-finite gradient (e.g. a GradScaler overflow) is not kept: the
+previous one stays.
 
 With ``stable=True`` (StableSAM, Tan et al., 2024) every step's update direction ``d``
 — ``g_s`` on full steps, ``g + α(‖g‖/‖g_v‖)g_v`` on reuse steps — is renormalised to the
@@ -63,7 +66,15 @@ import torch
 from torch import Tensor
 
 from flatmin.optim._base import OptimizerFactory
-from flatmin.optim._buckets import Bucket, global_dot, global_norm, make_buckets, weighted
+from flatmin.optim._buckets import (
+    Bucket,
+    global_dot,
+    global_norm,
+    local_part,
+    make_buckets,
+    shards_of,
+    weighted,
+)
 from flatmin.optim._checks import check_int, check_real
 from flatmin.optim._entry import step_entry
 from flatmin.optim.sam import SAM
@@ -130,13 +141,18 @@ class LookSAM(SAM):
                     "first_step() found no gradients: call loss.backward() before first_step()"
                 )
             device = self._reference_device()
-            grad_norm = global_norm([b.grads for b in buckets], device)
+            shards = shards_of(buckets)
+            grad_norm = global_norm([b.grads for b in buckets], device, shards)
             clean_norm = grad_norm
             if self.stable and any(b.scaled for b in buckets):
-                clean_norm = global_norm([weighted(b, b.grads) for b in buckets], device)
+                clean_norm = global_norm([weighted(b, b.grads) for b in buckets], device, shards)
             scale = torch.where(self._g_v_norm > 0, self.alpha * grad_norm / self._g_v_norm, 0.0)
             for b in buckets:
-                pairs = [(g, self._g_v[p]) for p, g in zip(b.params, b.grads) if p in self._g_v]
+                pairs = [
+                    (g, local_part(self._g_v[p]))
+                    for p, g in zip(b.owners, b.grads)
+                    if p in self._g_v
+                ]
                 if pairs:
                     grads, reused = map(list, zip(*pairs))
                     factor = scale.to(b.device, grads[0].dtype)
@@ -161,46 +177,61 @@ class LookSAM(SAM):
     def _after_first_gradient(self, buckets: list[Bucket], grad_norm: Tensor) -> None:
         self._clean_grads = self._clean_gradient_copy(buckets)
         if any(b.scaled for b in buckets):  # ASAM's grad_norm is the |w|-weighted one
-            grad_norm = global_norm(self._clean_grads, self._reference_device())
+            grad_norm = global_norm(self._clean_grads, self._reference_device(), shards_of(buckets))
         self._clean_sq_norm = grad_norm.square()
 
     def _update_direction(self, buckets: list[Bucket]) -> None:
         """Keep ``g_v = g_s − (⟨g,g_s⟩/‖g‖²)·g``; the update direction stays ``g_s``."""
         device = self._reference_device()
         clean = self._clean_grads
-        inner = global_dot(clean, [b.grads for b in buckets], device)
+        shards = shards_of(buckets)
+        inner = global_dot(clean, [b.grads for b in buckets], device, shards)
         coef = torch.where(self._clean_sq_norm > 0, inner / self._clean_sq_norm, 0.0)
         for b, g in zip(buckets, clean):  # g becomes g_v in place
             torch._foreach_mul_(g, (-coef).to(b.device, g[0].dtype))
             torch._foreach_add_(g, b.grads)
         if self.replica_mean is not None:  # per-process ε: every replica keeps the mean g_v
             self.replica_mean([t for g_v in clean for t in g_v])
-        norm = global_norm(clean, device)
+        norm = global_norm(clean, device, shards)
         keep = torch.isfinite(norm)
         # The kept g_v ← new where finite, else unchanged (zeros if there was none), in
         # place: a rejected g_v is zeroed first so that lerp's weight 0 cannot mix in NaN.
         for b, g_v, flat in zip(buckets, clean, self._buffers.flat("g")):
             flat.masked_fill_(~keep.to(b.device), 0.0)
-            kept = [self._g_v_slot(p, new) for p, new in zip(b.params, g_v)]
+            kept = [self._g_v_slot(p, new) for p, new in zip(b.owners, g_v)]
             torch._foreach_lerp_(kept, g_v, keep.to(b.device, g_v[0].dtype))
         old_norm = self._g_v_norm if self._g_v_norm is not None else torch.zeros_like(norm)
         self._g_v_norm = torch.where(keep, norm, old_norm)
         self._clean_grads = None
 
     def _g_v_slot(self, p: Tensor, like: Tensor) -> Tensor:
-        """The tensor that keeps ``p``'s ``g_v`` (zeros until the first finite one)."""
+        """The local part of the tensor that keeps ``p``'s ``g_v`` (zeros until the first
+        finite one); ``like`` is the local part of ``p``'s gradient. The kept tensor is
+        shaped like ``p``: for a sharded (DTensor) parameter a DTensor sharded like it, so
+        that checkpoints of it stay sharded."""
         slot = self._g_v.get(p)
-        if slot is None or slot.shape != like.shape or slot.dtype != like.dtype:
-            slot = self._g_v[p] = torch.zeros_like(like)
-        return slot
+        if slot is None or local_part(slot).shape != like.shape or slot.dtype != like.dtype:
+            slot = self._g_v[p] = torch.zeros_like(p, dtype=like.dtype)
+        return local_part(slot)
 
     # -- checkpointing ------------------------------------------------------------------
 
     def _state_extras(self) -> dict[Tensor, dict[str, Tensor]]:
-        return {p: {"g_v": g_v} for p, g_v in self._g_v.items()}
+        """``g_v`` of every parameter: zeros shaped (and sharded) like it where none is
+        kept yet."""
+        kept = self._g_v
+        return {
+            p: {"g_v": kept[p] if p in kept else torch.zeros_like(p.detach())}
+            for p in self._params()
+        }
 
     def _group_extras(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done, "g_v_norm": self._g_v_norm}
+        norm = self._g_v_norm
+        if norm is None:  # no full step yet: 0, as a tensor like the norms to come
+            first = self._params()[0]
+            dtype = torch.promote_types(first.dtype, torch.float32)
+            norm = torch.zeros((), dtype=dtype, device=first.device)
+        return {"steps_done": self.steps_done, "g_v_norm": norm}
 
     def _load_method_state(
         self, per_param: dict[Tensor, dict[str, Tensor]], values: dict[str, Any]

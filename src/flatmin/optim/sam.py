@@ -92,6 +92,7 @@ from flatmin.optim._buckets import (
     make_buckets,
     mark_nonfinite_,
     scale_gradients_,
+    shards_of,
     weighted,
 )
 from flatmin.optim._buffers import ReusableBuffers
@@ -279,7 +280,7 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
             )
         device = self._reference_device()
         weighted_grads = [weighted(b, b.grads) for b in buckets]
-        grad_norm = global_norm(weighted_grads, device)
+        grad_norm = global_norm(weighted_grads, device, shards_of(buckets))
         finite = torch.isfinite(grad_norm)
         self._after_first_gradient(buckets, grad_norm)
         if self.normalize:
@@ -337,7 +338,8 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
         if grad_scaler is not None:
             grad_scaler.unscale_(self)
             grads = make_buckets(self.param_groups, adaptive_rule=False)
-            take = bool(torch.isfinite(global_norm([b.grads for b in grads], finite.device)))
+            norm = global_norm([b.grads for b in grads], finite.device, shards_of(grads))
+            take = bool(torch.isfinite(norm))  # the same verdict on every shard's rank
         else:
             take = not self.skip_nonfinite or bool(finite)
         if take:
@@ -400,7 +402,7 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
         ``stable_cap``); both norms over ``buckets``, ``γ`` applied to every gradient the
         base step will see. ``γ = 1`` when ``d = 0``."""
         direction_norm = global_norm(
-            [weighted(b, b.grads) for b in buckets], self._reference_device()
+            [weighted(b, b.grads) for b in buckets], self._reference_device(), shards_of(buckets)
         )
         gamma = torch.where(direction_norm > 0, clean_norm / direction_norm, 1.0)
         if self.stable_cap:
