@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from flatmin.distributed.collectives import (
+    all_gather_rows,
     average_gradients,
     max_replica_difference,
     norm_statistics,
@@ -70,3 +71,9 @@ def test_average_gradients_rejects_sparse_gradients():
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="dense"):
         average_gradients(embedding.parameters())
+
+
+def test_all_gather_rows_on_one_process_is_the_tensor_at_offset_zero():
+    rows = torch.arange(6.0).reshape(3, 2)
+    gathered, offset = all_gather_rows(rows)
+    assert gathered is rows and offset == 0

@@ -6,6 +6,7 @@
 * :func:`sync_norm_statistics` — make BatchNorm running statistics equal on every rank,
   by their mean over ranks or by rank 0's copy.
 * :func:`reduce_metrics` — average (or sum) a dict of logged numbers across ranks.
+* :func:`all_gather_rows` — every rank's rows of a tensor, concatenated in rank order.
 * :func:`max_replica_difference` — how far a replicated tensor list is from rank 0's.
 
 All of them are collectives: every rank of the group must call them in the same order.
@@ -145,6 +146,33 @@ def reduce_metrics(
         if op == "mean":
             values /= size
     return dict(zip(keys, values.tolist()))
+
+
+def all_gather_rows(tensor: Tensor, group: ProcessGroup = None) -> tuple[Tensor, int]:
+    """Every rank's ``tensor`` concatenated along dimension 0 in rank order, and this
+    rank's offset in it. The ranks may hold different numbers of rows (the trailing
+    shapes and the dtype must agree). Two all-gathers: the row counts, then the rows
+    padded to the largest count; the counts cost a host synchronization.
+
+    Example: rank 0 holds ``[1., 2.]``, rank 1 ``[3.]`` → both get ``[1., 2., 3.]``,
+    with offsets 0 and 2.
+    """
+    size = world_size(group)
+    if size == 1:
+        return tensor, 0
+    counts = torch.empty(size, dtype=torch.long, device=tensor.device)
+    dist.all_gather_into_tensor(
+        counts, torch.tensor([tensor.shape[0]], device=tensor.device), group=group
+    )
+    counts = counts.tolist()
+    most = max(counts)
+    padded = tensor.new_zeros((most, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = tensor.new_empty((size * padded.numel(),))  # gloo wants a flat output
+    dist.all_gather_into_tensor(gathered, padded.reshape(-1), group=group)
+    gathered = gathered.view(size, most, *tensor.shape[1:])
+    rows = torch.cat([gathered[r, :count] for r, count in enumerate(counts)])
+    return rows, sum(counts[: dist.get_rank(group)])
 
 
 def max_replica_difference(tensors: Iterable[Tensor], group: ProcessGroup = None) -> float:

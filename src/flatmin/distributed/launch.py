@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import pickle
 import signal
@@ -110,9 +111,12 @@ def _run_in_group(
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     try:
         fn(rank, world_size, *args)
+        # FSDP2 modules sit in reference cycles that hold gloo work objects; freed only
+        # at interpreter exit, after the group is gone, they abort the process
+        # ("terminate called without an active exception") once in a few dozen runs.
+        gc.collect()
         # Without it, a rank that finished first tears its connections down while the
-        # others still use them (gloo then aborts: "terminate called without an active
-        # exception").
+        # others still use them (gloo then aborts the same way).
         dist.barrier()
     except BaseException as error:
         _write_error(Path(errors) / str(rank), error)  # before the group goes down

@@ -76,6 +76,20 @@ returns per-sample losses without calling backward (:class:`flatmin.optim.ESAM`)
 synchronization, so each process perturbs the same tensors (ESAM's draw depends on its
 seed and step count only) with its own gradient; each process selects its own
 ``⌈γ·B_r⌉`` samples; DDP averages the second gradient.
+
+**FSDP2** (a model sharded with ``torch.distributed.fsdp.fully_shard``). Every process
+holds only its shard of each parameter, and the backward reduce-scatters the *averaged*
+gradient, so no process ever has its own full ``g_r``: per-process ε cannot be formed,
+and ``perturbation="local"`` is refused with an error that says so. With
+``perturbation="global"`` the step is the SAM-family step on the global batch, computed
+on the shards (:mod:`flatmin.optim._buckets`: ε and the restore act on the local shards,
+each norm or dot product costs one all-reduce of a scalar, the base optimizer's state
+stays sharded): with equal per-process batches it equals one process stepping on the
+whole batch, for every member. ESAM's data selection is then global too: the per-sample
+loss rises are all-gathered (``B`` numbers) and the ``⌈γ·B⌉`` largest of the global
+batch are used (:attr:`flatmin.optim.ESAM.sample_gather`). m-sharpness under FSDP2 is
+:func:`~flatmin.distributed.m_sharpness.m_sharpness_step`: each sub-batch's ε is global
+over the processes' sub-batches, so it has ``m = W·m_local``.
 """
 
 from __future__ import annotations
@@ -94,11 +108,13 @@ from flatmin.distributed.collectives import (
     STATISTICS_SYNCS,
     ProcessGroup,
     StatisticsSync,
+    all_gather_rows,
     average_gradients,
     average_tensors,
     sync_norm_statistics,
     world_size,
 )
+from flatmin.distributed.fsdp import is_sharded
 from flatmin.optim._checks import check_choice
 from flatmin.optim.bn import running_stats_frozen
 
@@ -106,9 +122,20 @@ Perturbation = Literal["local", "global"]
 PERTURBATIONS = ("local", "global")
 
 
-def _check_options(perturbation: str, statistics: str) -> None:
+def _check_options(perturbation: str, statistics: str, model: nn.Module) -> bool:
+    """Check the options; returns whether ``model`` is sharded by FSDP2."""
     check_choice("perturbation", perturbation, PERTURBATIONS)
     check_choice("statistics", statistics, STATISTICS_SYNCS)
+    sharded = is_sharded(model)
+    if sharded and perturbation == "local":
+        raise ValueError(
+            "perturbation='local' (per-process ε) needs each process's own full gradient, "
+            "which a model sharded by FSDP2 (fully_shard) never holds: its backward "
+            "reduce-scatters the gradient averaged over processes. Pass "
+            "perturbation='global' (the step then equals SAM on the global batch), or use "
+            "m_sharpness_step for m-sharpness"
+        )
+    return sharded
 
 
 def _group_of(model: nn.Module, group: ProcessGroup) -> ProcessGroup:
@@ -130,16 +157,29 @@ def first_pass(
     (``model.no_sync()``), so each process keeps its own gradient and perturbs with its
     own ε. ``"global"``: gradients are averaged (by DDP, or on exit for a plain module).
     On exit the norm layers' running statistics are synchronized as ``statistics`` says.
+    A model sharded by FSDP2 takes ``"global"`` only (its backward averages).
     """
-    _check_options(perturbation, statistics)
+    sharded = _check_options(perturbation, statistics, model)
     group = _group_of(model, process_group)
     is_ddp = isinstance(model, DistributedDataParallel)
     no_sync = model.no_sync() if is_ddp and perturbation == "local" else nullcontext()
     with no_sync:
         yield model
-    if perturbation == "global" and not is_ddp:
+    if perturbation == "global" and not is_ddp and not sharded:
         average_gradients(model.parameters(), group)
     sync_norm_statistics(model, statistics, group)
+
+
+@contextmanager
+def _selection_over_processes(optimizer: Optimizer, group: ProcessGroup) -> Iterator[None]:
+    def gather(values: Tensor) -> tuple[Tensor, int, int]:
+        return (*all_gather_rows(values, group), world_size(group))
+
+    optimizer.sample_gather = gather
+    try:
+        yield
+    finally:
+        optimizer.sample_gather = None
 
 
 @contextmanager
@@ -211,19 +251,22 @@ def sam_step(
 
     With ``perturbation="local"``, an optimizer whose ``uses_clean_gradient`` is True
     runs both passes without gradient synchronization and averages its final direction
-    instead of ``g_s``.
+    instead of ``g_s``. A model sharded by FSDP2 needs ``perturbation="global"`` (see the
+    module docstring); ESAM then selects samples over the global batch.
 
     Example::
 
         loss = sam_step(opt, ddp_model, lambda: (l := loss_fn(ddp_model(x), y)).backward() or l)
     """
-    _check_options(perturbation, statistics)
+    sharded = _check_options(perturbation, statistics, model)
     check_two_pass(optimizer)
     by_direction = perturbation == "local" and optimizer.uses_clean_gradient
     group = _group_of(model, process_group)
     is_ddp = isinstance(model, DistributedDataParallel)
     synchronized_first_backward = is_ddp and perturbation == "global"
     averaging = _directions_averaged(optimizer, group) if by_direction else nullcontext()
+    if sharded and optimizer.per_sample_closure and hasattr(optimizer, "sample_gather"):
+        averaging = _selection_over_processes(optimizer, group)
     with torch.enable_grad(), first_pass(model, perturbation, statistics, group):
         loss = optimizer.run_first_pass(
             closure, skip_unused_gradients=not synchronized_first_backward
@@ -241,7 +284,7 @@ def sam_step(
         except BaseException:
             optimizer.abandon_step()
             raise
-        if not is_ddp and not by_direction:
+        if not is_ddp and not by_direction and not sharded:
             average_gradients(model.parameters(), group)
         optimizer.second_step(zero_grad=True)
     return loss
