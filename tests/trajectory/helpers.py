@@ -73,3 +73,40 @@ def move_student(model: nn.Module, x: torch.Tensor, scale: float = 0.3) -> None:
         for p in model.parameters():
             p.add_(scale * torch.randn_like(p))
     model.train()(x)
+
+
+def numpy_bucketed_kl(z: np.ndarray, past: np.ndarray, k: int, tau: float) -> np.ndarray:
+    """Per row, ``τ²·KL_k(p ‖ q)`` written out from the full past logits: the top ``k``
+    classes of ``past`` kept, the others merged into one bucket (float64, log space)."""
+
+    def log_softmax(a: np.ndarray) -> np.ndarray:
+        a = a / tau
+        return a - np.logaddexp.reduce(a, axis=1, keepdims=True)
+
+    log_p, log_q = log_softmax(past), log_softmax(z)
+    out = np.empty(len(z))
+    for i in range(len(z)):
+        top = np.argsort(-past[i], kind="stable")[:k]
+        rest = np.setdiff1d(np.arange(z.shape[1]), top)
+        value = np.sum(np.exp(log_p[i, top]) * (log_p[i, top] - log_q[i, top]))
+        if len(rest):
+            log_r = np.logaddexp.reduce(log_p[i, rest])
+            log_big_q = np.logaddexp.reduce(log_q[i, rest])
+            value += np.exp(log_r) * (log_r - log_big_q)
+        out[i] = tau**2 * value
+    return out
+
+
+def bucketed_gradient(z: np.ndarray, past: np.ndarray, k: int, tau: float) -> np.ndarray:
+    """``τ·(q − p̃)`` per row (the gradient of :func:`numpy_bucketed_kl` for one row):
+    ``p̃ = p`` on the top ``k`` classes, ``r·q_j/Q`` on the others."""
+    q = np.exp(z / tau - np.logaddexp.reduce(z / tau, axis=1, keepdims=True))
+    p = np.exp(past / tau - np.logaddexp.reduce(past / tau, axis=1, keepdims=True))
+    p_tilde = np.empty_like(p)
+    for i in range(len(z)):
+        top = np.argsort(-past[i], kind="stable")[:k]
+        rest = np.setdiff1d(np.arange(z.shape[1]), top)
+        p_tilde[i, top] = p[i, top]
+        if len(rest):
+            p_tilde[i, rest] = p[i, rest].sum() * q[i, rest] / q[i, rest].sum()
+    return tau * (q - p_tilde)

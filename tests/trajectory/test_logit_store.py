@@ -21,7 +21,7 @@ def test_returns_exactly_the_logits_of_lag_epochs_ago_over_a_shuffled_run(dtype)
             assert out.valid.tolist() == [epoch >= lag] * len(idx)
             if epoch >= lag:
                 expected = history[epoch - lag][idx].to(dtype)
-                assert torch.equal(out.targets, expected)
+                assert torch.equal(out.rows[0], expected)
 
 
 def test_first_visits_and_skipped_epochs_are_invalid():
@@ -46,7 +46,7 @@ def test_a_sample_is_compared_and_recorded_once_per_epoch():
     idx = torch.tensor([1, 1, 2])  # index 1 repeated in the batch
     out = store.exchange(first_batch, idx, epoch=1)
     assert out.valid.tolist() == [True, False, True]
-    assert torch.equal(out.targets[0], past[1])
+    assert torch.equal(out.rows[0][0], past[1])
     assert torch.equal(store.logits[0, 1], first_batch[0])  # first occurrence kept
     # A later batch of the same epoch repeats index 2: no target, no overwrite.
     out = store.exchange(torch.randn(1, 2), torch.tensor([2]), epoch=1)
@@ -73,7 +73,7 @@ def test_half_precision_error_bound_in_the_normal_range():
     logits = signs * torch.exp2(exponents)
     store.exchange(logits, torch.arange(256), epoch=0)
     out = store.exchange(torch.zeros(256, 64), torch.arange(256), epoch=1)
-    error = (out.targets.double() - logits).abs()
+    error = (out.rows[0].double() - logits).abs()
     assert torch.all(error <= 2.0**-11 * logits.abs())
     assert error.max() > 0  # the bound is exercised, not trivially met
 

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 import flatmin
 from flatmin.trajectory import SAF
 from tests.helpers import assert_resumes_bit_exactly
-from tests.trajectory.helpers import bn_mlp, numpy_tempered_kl
+from tests.trajectory.helpers import bn_mlp, numpy_bucketed_kl, numpy_tempered_kl
 
 
 def _numpy_term(z: np.ndarray, past: np.ndarray, lam: float, tau: float) -> float:
@@ -265,3 +265,131 @@ def test_no_warning_for_set_epoch_every_epoch_padded_passes_and_repeated_batches
         # A checkpoint and resume in the middle of an epoch starts counting afresh.
         saf.load_state_dict(saf.state_dict())
         _epochs_of_batches(saf, 1, 12, set_epoch=False)
+
+
+# -- SAF(top_k=k): the compressed store ---------------------------------------------------
+
+
+def test_top_k_equal_to_num_classes_gives_the_full_stores_terms_and_gradients():
+    full = SAF(8, 4, lam=0.5, tau=2.0, lag_epochs=2, start_epoch=1)
+    top = SAF(8, 4, lam=0.5, tau=2.0, lag_epochs=2, start_epoch=1, top_k=4)
+    for epoch in range(6):
+        full.set_epoch(epoch)
+        top.set_epoch(epoch)
+        for idx in torch.randperm(8).split(3):
+            z = (torch.randn(len(idx), 4, dtype=torch.float64) * 3).requires_grad_()
+            a, b = full(z, idx), top(z, idx)
+            (grad_a,) = torch.autograd.grad(a, z)
+            (grad_b,) = torch.autograd.grad(b, z)
+            assert math.isclose(a.item(), b.item(), rel_tol=1e-12)
+            torch.testing.assert_close(grad_b, grad_a, rtol=1e-12, atol=1e-15)
+    assert a.item() > 0
+    assert torch.equal(full.store.written_epoch, top.store.written_epoch)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_k_term_is_the_bucketed_kl_against_lag_epochs_ago(k):
+    saf = SAF(6, 5, lam=0.3, tau=5.0, lag_epochs=2, start_epoch=1, top_k=k)
+    idx = torch.arange(6)
+    history = {}
+    for epoch in range(5):
+        saf.set_epoch(epoch)
+        history[epoch] = (torch.randn(6, 5) * 5).half().double()  # exact in the store
+        term = saf(history[epoch].clone().requires_grad_(), idx)
+        if epoch <= 1:
+            assert term.item() == 0.0
+        else:
+            rows = numpy_bucketed_kl(history[epoch].numpy(), history[epoch - 2].numpy(), k, 5.0)
+            assert math.isclose(term.item(), 0.3 * rows.mean(), rel_tol=1e-6)
+    assert term.item() > 0
+
+
+def test_top_k_second_pass_reuses_targets_and_record_false_writes_nothing():
+    saf = SAF(6, 5, lag_epochs=1, start_epoch=0, top_k=2)
+    saf(torch.randn(6, 5), torch.arange(6))
+    saf.set_epoch(1)
+    idx = torch.tensor([4, 0, 2])
+    first = torch.randn(3, 5, dtype=torch.float64)
+    term_first = saf(first, idx)
+    table = saf.store.table.clone()
+    assert torch.equal(saf(first, idx.clone()), term_first)  # SAM's second pass
+    saf(torch.randn(3, 5), torch.tensor([1, 3, 5]), record=False)
+    assert torch.equal(saf.store.table, table)
+    assert torch.equal(saf.store.values[0, idx], first.topk(2, dim=1).values.half())
+
+
+def test_top_k_skips_and_counts_non_finite_rows_like_the_full_store():
+    saf = SAF(4, 3, top_k=1)
+    logits = torch.randn(4, 3)
+    logits[0, 1] = float("inf")
+    logits[3, 0] = 1e6  # finite in float32, inf in float16
+    with pytest.warns(RuntimeWarning, match="2 logit row"):
+        saf(logits, torch.arange(4))
+    assert saf.store.written_epoch[0].tolist()[1:3] == [0, 0]
+
+
+def _top_k_parts(seed):
+    torch.manual_seed(seed)
+    model = bn_mlp(inputs=6, hidden=8, classes=5)
+    return {
+        "model": model,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        "saf": SAF(20, 5, lam=1.0, lag_epochs=2, start_epoch=1, top_k=2),
+    }
+
+
+def test_top_k_resume_is_bit_exact(tmp_path):
+    x, y = torch.randn(20, 6), torch.randint(0, 5, (20,))
+    straight = assert_resumes_bit_exactly(
+        _top_k_parts,
+        lambda parts, epochs: _train(parts, epochs, x, y),
+        epochs=6,
+        stop_after=3,
+        checkpoint=tmp_path / "checkpoint.pt",
+    )
+    saf = straight["saf"]
+    assert saf.state_dict()["top_k"] == 2
+    assert saf.store.written_epoch.unique().tolist() == [4, 5]
+
+
+def test_a_state_of_another_top_k_is_refused_without_changing_anything():
+    saf = SAF(4, 3, lag_epochs=2, top_k=2)
+    saf(torch.randn(4, 3), torch.arange(4))
+    before = saf.store.table.clone(), saf.store.written_epoch.clone()
+    with pytest.raises(ValueError, match=r"top_k=2, got top_k=None \(a store of full rows\)"):
+        saf.load_state_dict(SAF(4, 3, lag_epochs=2).state_dict())
+    with pytest.raises(ValueError, match=r"top_k=2, got top_k=1 \(a store of the top 1 logits"):
+        saf.load_state_dict(SAF(4, 3, lag_epochs=2, top_k=1).state_dict())
+    with pytest.raises(ValueError, match=r"top_k=None, got top_k=2"):
+        SAF(4, 3, lag_epochs=2).load_state_dict(saf.state_dict())
+    assert torch.equal(saf.store.table, before[0])
+    assert torch.equal(saf.store.written_epoch, before[1])
+
+
+def test_a_state_saved_before_top_k_existed_loads_into_a_full_store():
+    state = SAF(4, 3).state_dict()
+    del state["top_k"]
+    SAF(4, 3).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("top_k", "error", "message"),
+    [
+        (0, ValueError, "top_k must be an integer >= 1 and <= 4, got 0"),
+        (5, ValueError, "top_k must be an integer >= 1 and <= 4, got 5"),
+        (2.0, TypeError, "top_k must be an integer"),
+        (True, TypeError, "top_k must be an integer"),
+    ],
+)
+def test_top_k_validation(top_k, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        SAF(10, 4, top_k=top_k)
+
+
+def test_top_k_memory_bytes_and_the_documented_imagenet_figure():
+    n, c = 1_281_167, 1000
+    top10 = SAF(n, c, top_k=10, device="meta")
+    assert top10.memory_bytes == n * 3 * (4 + 10 * 2 + 10 * 2 + 4)
+    assert round(top10.memory_bytes / 2**20) == 176
+    assert "176 MiB" in SAF.__doc__
+    assert SAF(50, 10, top_k=5).memory_bytes == 50 * 3 * (20 + 4)

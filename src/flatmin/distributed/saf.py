@@ -11,11 +11,13 @@ target is stale or empty (all zeros, i.e. a uniform distribution).
 ``(logits, indices)`` of all processes and records the whole global batch into its own
 full copy of the store, so all copies stay identical and any process finds any sample's
 past logits locally. Per step and process this costs three small all-gathers (batch
-sizes and epochs, indices, logits in the store's dtype: ``W·B·(C·itemsize + 8)`` bytes received);
-memory per process is the whole store, ``N·C·Ẽ·itemsize + N·Ẽ·4`` bytes (CIFAR-10,
-Ẽ = 3, float16: 3.6 MB; ImageNet-1k, Ẽ = 3, float16: 7,346 MiB on each process — keep
-it on the CPU or memory-map it, see :class:`flatmin.SAF`). A rank-0 checkpoint holds the
-whole state.
+sizes and epochs, indices, and the rows in the store's format — the logits in the store's
+dtype: ``W·B·(C·itemsize + 8)`` bytes received; with ``SAF(top_k=k)`` the compressed rows,
+``W·B·(row_bytes + 8)``, encoded by each process before the gather); memory per process is
+the whole store, ``N·C·Ẽ·itemsize + N·Ẽ·4`` bytes (CIFAR-10, Ẽ = 3, float16: 3.6 MB;
+ImageNet-1k, Ẽ = 3, float16: 7,346 MiB on each process — keep it on the CPU, memory-map
+it or compress it with ``top_k``, see :class:`flatmin.SAF`). A rank-0 checkpoint holds
+the whole state.
 
 **The alternative: sharded store.** Process ``r`` owns the samples with
 ``i mod W = r`` (memory ÷ W); every step each process sends the indices it needs to their
@@ -41,7 +43,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from flatmin.distributed.collectives import ProcessGroup, world_size
-from flatmin.trajectory.kl import tempered_kl, zero_term
+from flatmin.trajectory.kl import zero_term
+from flatmin.trajectory.logit_store import Rows
 from flatmin.trajectory.saf import SAF
 
 
@@ -101,27 +104,28 @@ class DistributedSAF:
 
     def exchange(
         self, logits: Tensor, indices: Tensor, record: bool = True
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Rows, Tensor, Tensor]:
         """All-gather the batch, look it up (and record it) in SAF; return this rank's part.
 
-        Returns ``(targets, valid, global_valid_count)``: the stored logits for this
-        process's rows (store dtype), their ``(B,)`` validity and the number of valid rows
-        in the whole global batch (a 0-dim tensor), all on ``logits``' device (where the
-        batch was gathered).
+        Returns ``(targets, valid, global_valid_count)``: the stored rows for this
+        process's batch (the store's row format, see :meth:`flatmin.SAF.lookup`), their
+        ``(B,)`` validity and the number of valid rows in the whole global batch (a 0-dim
+        tensor), all on ``logits``' device (where the batch was gathered).
         """
         saf, group = self.saf, self.process_group
         saf.store.check_batch(logits, indices)
         sizes = _gather_batch_sizes(indices.shape[0], saf.epoch, group)
         all_indices = _all_gather_rows(indices.to(torch.long), sizes, group)
         found = saf.previous_lookup(all_indices)
-        if found is None:  # a new batch: its logits are needed, in the store's dtype
-            all_logits = _all_gather_rows(logits.detach().to(saf.store.dtype), sizes, group)
-            found = saf.lookup(all_logits, all_indices, record)
+        if found is None:  # a new batch: its rows are needed, encoded by each process
+            rows = saf.store.encode(logits, saf.tau)
+            all_rows = tuple(_all_gather_rows(part, sizes, group) for part in rows)
+            found = saf.lookup_rows(all_rows, all_indices, record)
         targets, valid = found
         rank = dist.get_rank(group) if len(sizes) > 1 else 0
         start = sum(sizes[:rank])
-        rows = slice(start, start + sizes[rank])
-        return targets[rows], valid[rows], valid.sum()
+        mine = slice(start, start + sizes[rank])
+        return tuple(part[mine] for part in targets), valid[mine], valid.sum()
 
     def __call__(self, logits: Tensor, indices: Tensor, record: bool = True) -> Tensor:
         """This process's share of ``λ·τ²·mean KL(past ‖ present)`` over the global batch.
@@ -133,7 +137,7 @@ class DistributedSAF:
         saf = self.saf
         if not saf.active or saf.lam == 0:
             return zero_term(logits)
-        local_mean = tempered_kl(logits, targets, saf.tau, valid)
+        local_mean = saf.store.kl(logits, targets, saf.tau, valid)
         local_count = valid.sum()
         share = local_count * world_size(self.process_group) / global_count.clamp(min=1)
         return saf.lam * local_mean * share.to(local_mean.dtype)

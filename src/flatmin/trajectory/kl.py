@@ -9,6 +9,9 @@ Eq. 8 and the authors' code: with a temperature ``τ`` and a constant target ``t
 
 The τ² factor is in the official code (not in the paper's Eq. 8); it keeps the gradient's
 scale independent of τ to first order: ``∂D/∂z_i = τ·(q_i − p_i)/B``.
+
+:func:`bucketed_tempered_kl` is the same term against a compressed target that keeps only
+the ``k`` largest past logits and the mass of the other classes (SAF's ``top_k`` store).
 """
 
 from __future__ import annotations
@@ -62,26 +65,186 @@ def tempered_kl(
         raise ValueError(f"expected a temperature tau > 0, got {tau}")
     if logits.shape[0] == 0:
         return zero_term(logits)
+    _check_valid(valid, logits)
     dtype = _compute_dtype(logits)
-    scale = _constant(weight * tau * tau, dtype, logits.device)
     divisor = _constant(tau, dtype, logits.device)
     log_q = _log_softmax(_as(logits, dtype, logits.device).div(divisor))
     with torch.no_grad():
         target = _as(target_logits.detach(), dtype, logits.device)
         log_p = _log_softmax(target.div(divisor))
+    return _mean_kl(log_p, log_q, valid, _constant(weight * tau * tau, dtype, logits.device))
+
+
+def bucketed_tempered_kl(
+    logits: Tensor,
+    top_logits: Tensor,
+    top_classes: Tensor,
+    rest_lse: Tensor,
+    tau: float,
+    valid: Tensor | None = None,
+    *,
+    weight: float = 1.0,
+) -> Tensor:
+    r"""The tempered KL against a target of which only the top ``k`` classes are kept.
+
+    Each target row keeps the ``k`` largest past logits ``z̃_i`` (``i ∈ T``, the classes
+    ``top_classes``) and ``rest_lse = log Σ_{j∉T} exp(z̃_j/τ)``, so the past distribution
+    ``p = softmax(z̃/τ)`` is known on ``T`` and as one mass ``r = 1 − Σ_{i∈T} p_i`` on the
+    other classes. The term treats those classes as one bucket:
+
+    .. math::
+        \mathrm{KL}_k(p ‖ q) = \sum_{i∈T} p_i \log\frac{p_i}{q_i}
+            + r \log\frac{r}{\sum_{j∉T} q_j},   \quad q = \mathrm{softmax}(z/τ),
+
+    times ``weight·τ²`` and averaged over the (valid) rows like :func:`tempered_kl`. It is
+    the KL divergence of ``p`` and ``q`` with the classes outside ``T`` merged, so by the
+    log-sum inequality (``Σ_{j∉T} p_j log(p_j/q_j) ≥ r·log(r/Q)``, ``Q = Σ_{j∉T} q_j``) it
+    never exceeds the full KL, and it equals it when ``k = C``. Its gradient: with
+    ``∂ log q_i/∂z = (e_i − q)/τ`` and ``∂ log Q/∂z = (1_{∉T}·q/Q − q)/τ``,
+
+    .. math::
+        \frac{∂}{∂z}\,\mathrm{weight}·τ²·\mathrm{KL}_k = \mathrm{weight}·τ·(q − \tilde p),
+        \quad \tilde p_i = p_i \ (i ∈ T), \quad \tilde p_j = r·q_j/Q \ (j ∉ T),
+
+    divided by the number of rows averaged: the bucket's mass is spread over its classes
+    in proportion to the current ``q``.
+
+    Numerics: the merged classes enter as log-sum-exps (``log Q`` of the current tempered
+    logits outside ``T``, taken against their own maximum, and ``rest_lse`` of the past
+    ones), so ``r`` and ``Q`` are never computed as ``1 − Σ`` (which loses every digit when
+    the top ``k`` hold nearly all the mass) and never underflow to a ``log 0``: ``r → 0``
+    gives a bucket term of exactly 0, a tiny ``Q`` a large but finite one, and with
+    ``k = C`` there is no bucket. The value and the gradient are finite wherever the full
+    term's are; invalid rows get no gradient whatever their targets hold.
+
+    Args:
+        logits: current logits ``z``, shape ``(B, C)``; the gradient flows through them.
+        top_logits: the ``k`` past logits kept per row, shape ``(B, k)`` (any float dtype).
+        top_classes: their classes, integer tensor ``(B, k)``, distinct within a row.
+        rest_lse: ``log Σ_{j∉T} exp(z̃_j/τ)`` per row, shape ``(B,)`` (``−inf`` if ``k = C``).
+        tau: temperature ``τ > 0``, the one ``rest_lse`` was computed with.
+        valid: optional boolean mask ``(B,)``, as in :func:`tempered_kl`.
+        weight: a factor folded into ``τ²`` (SAF's ``λ``).
+
+    Example::
+
+        import torch
+        from flatmin.trajectory.kl import bucketed_tempered_kl
+
+        z_past, z = torch.randn(4, 100), torch.randn(4, 100, requires_grad=True)
+        top, classes = z_past.topk(5, dim=1)
+        rest = (z_past / 5).scatter(1, classes, float("-inf")).logsumexp(1)
+        bucketed_tempered_kl(z, top, classes, rest, tau=5.0).backward()
+    """
+    batch, num_classes = logits.shape if logits.dim() == 2 else (-1, -1)
+    k = top_classes.shape[-1] if top_classes.dim() == 2 else -1
+    if (
+        batch < 0
+        or top_logits.shape != (batch, k)
+        or top_classes.shape != (batch, k)
+        or rest_lse.shape != (batch,)
+        or not 1 <= k <= num_classes
+    ):
+        raise ValueError(
+            "expected logits (B, C), top_logits and top_classes (B, k) with 1 <= k <= C and "
+            f"rest_lse (B,), got {tuple(logits.shape)}, {tuple(top_logits.shape)}, "
+            f"{tuple(top_classes.shape)} and {tuple(rest_lse.shape)}"
+        )
+    if top_classes.is_floating_point() or top_classes.is_complex():
+        raise TypeError(f"expected integer top_classes, got dtype {top_classes.dtype}")
+    if not tau > 0:
+        raise ValueError(f"expected a temperature tau > 0, got {tau}")
+    _check_valid(valid, logits)
+    if batch == 0:
+        return zero_term(logits)
+    dtype, device = _compute_dtype(logits), logits.device
+    if valid is not None and (valid.dtype != torch.bool or valid.device != device):
+        valid = valid.to(device=device, dtype=torch.bool)
+    return _BucketedKL.apply(
+        logits,
+        top_logits.detach(),
+        _as(top_classes, torch.long, device),
+        _as(rest_lse.detach(), dtype, device),
+        valid,
+        _constant(tau, dtype, device),
+        _constant(weight * tau * tau, dtype, device),
+        _constant(weight * tau, dtype, device),
+    )
+
+
+class _BucketedKL(torch.autograd.Function):
+    """:func:`bucketed_tempered_kl`: the value from the grouped logits, the gradient
+    ``weight·τ·(q − p̃)/B`` in closed form (one dense pass in the backward).
+
+    The classes outside ``T`` are exponentiated once, against their own maximum ``m``:
+    ``e_j = exp(s_j − m)`` (``s = z/τ``), so ``Σ_{j∉T} e_j ≥ 1`` and nothing underflows
+    however small ``Q`` is. The present's grouped logits are ``(s_T, m + log Σ e)``, and
+    on ``j ∉ T`` the gradient is ``q_j − r·q_j/Q = e_j·(Q − r)/Σ e``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, top_logits, index, rest_lse, valid, tau, scale, weight_tau):
+        k, dtype = index.shape[1], tau.dtype
+        scaled = _as(logits, dtype, logits.device).div(tau)
+        present = scaled.gather(1, index)
+        past = top_logits.to(device=logits.device, dtype=dtype).div_(tau)
+        bucket = k < scaled.shape[1]
+        if bucket:
+            scaled.scatter_(1, index, float("-inf"))  # e_j = 0 on T
+        shift = scaled.amax(dim=1, keepdim=True)
+        exp = scaled.sub_(shift).exp_()
+        total = exp.sum(dim=1, keepdim=True)
+        if bucket:
+            present = torch.cat((present, total.log().add_(shift)), dim=1)
+            past = torch.cat((past, rest_lse[:, None]), dim=1)
+        groups = torch.stack((past, present))
+        group_max = groups.amax(dim=2, keepdim=True)
+        log_norm = groups.sub(group_max).exp_().sum(dim=2, keepdim=True).log_().add_(group_max)
+        log_p, log_q = groups.sub_(log_norm).unbind(0)
         p = log_p.exp()
-    pointwise = p * (log_p - log_q)
+        rows = p.mul(log_p.sub(log_q)).sum(dim=1)
+        if bucket:  # on j ∉ T: e_j·(Q − r)/Σe;  on T: q_i − p_i
+            rest_coef = log_q[:, k:].exp().sub_(p[:, k:]).div_(total)
+            top = log_q[:, :k].exp().sub_(p[:, :k])
+        else:  # q = e/Σe everywhere; subtract p on T (here every class)
+            rest_coef, top = total.reciprocal(), p.neg()
+        if valid is None:
+            count = rows.new_tensor(float(rows.shape[0]))
+            value = rows.sum()
+        else:  # invalid rows: no value, no gradient (their targets may hold anything)
+            count = valid.sum(dtype=dtype).clamp_(min=1)
+            value = torch.where(valid, rows, 0.0).sum()
+            rest_coef = torch.where(valid[:, None], rest_coef, 0.0)
+            top = torch.where(valid[:, None], top, 0.0)
+        ctx.save_for_backward(exp, rest_coef, top, index, count, weight_tau)
+        return value.mul_(scale).div_(count)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        exp, rest_coef, top, index, count, weight_tau = ctx.saved_tensors
+        factor = grad_output * weight_tau / count
+        grad = exp * rest_coef.mul(factor)
+        grad.scatter_add_(1, index, top.mul(factor))
+        return grad, None, None, None, None, None, None, None
+
+
+def _mean_kl(log_p: Tensor, log_q: Tensor, valid: Tensor | None, scale: Tensor) -> Tensor:
+    """``scale · mean_i Σ_c p_ic (log p_ic − log q_ic)`` over all rows or the valid ones."""
+    pointwise = log_p.exp() * (log_p - log_q)
     if valid is None:
         return scale * pointwise.sum(dim=1).mean()
-    if valid.shape != logits.shape[:1]:
+    if valid.dtype != torch.bool or valid.device != log_q.device:
+        valid = valid.to(device=log_q.device, dtype=torch.bool)
+    count = valid.sum(dtype=log_q.dtype).clamp_(min=1)
+    kept = torch.where(valid[:, None], pointwise, pointwise.new_zeros(()))
+    return kept.sum().mul(scale).div(count)
+
+
+def _check_valid(valid: Tensor | None, logits: Tensor) -> None:
+    if valid is not None and valid.shape != logits.shape[:1]:
         raise ValueError(
             f"expected a boolean valid mask of shape ({logits.shape[0]},), got {tuple(valid.shape)}"
         )
-    if valid.dtype != torch.bool or valid.device != logits.device:
-        valid = valid.to(device=logits.device, dtype=torch.bool)
-    count = valid.sum(dtype=dtype).clamp_(min=1)
-    kept = torch.where(valid[:, None], pointwise, pointwise.new_zeros(()))
-    return kept.sum().mul(scale).div(count)
 
 
 def _log_softmax(scaled: Tensor) -> Tensor:

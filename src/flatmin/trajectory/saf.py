@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 
 from flatmin.optim._checks import check_int, check_real
-from flatmin.trajectory.kl import tempered_kl, zero_term
-from flatmin.trajectory.logit_store import LogitStore
+from flatmin.trajectory.kl import zero_term
+from flatmin.trajectory.logit_store import LogitStore, Rows
+from flatmin.trajectory.topk_store import TopKLogitStore
 
 
 class SAF:
@@ -78,6 +79,16 @@ class SAF:
     at the official ImageNet script's Ẽ = 2, where the paper reports 14,643 MB for the
     official code's Ẽ + 1 = 3 float32 slots; CIFAR-10 at Ẽ = 3: 3.6 MB.
 
+    **A compressed store:** ``top_k=k``. Each slot then keeps only the ``k`` largest past
+    logits, their classes and the log-sum-exp of the other classes' tempered logits
+    (:class:`~flatmin.trajectory.topk_store.TopKLogitStore`), and the term treats the
+    classes outside the top ``k`` as one bucket
+    (:func:`~flatmin.trajectory.kl.bucketed_tempered_kl`): never more than the full KL,
+    equal to it at ``k = C``, the same rows valid and recorded. Memory per sample and slot
+    is ``⌈(4 + k·(itemsize + class bytes))/4⌉·4 + 4`` bytes instead of ``C·itemsize + 4``:
+    ImageNet-1k at ``k = 10``, Ẽ = 3: 176 MiB. Worth it when ``C`` is large (hundreds of
+    classes and more); at ``C = 10`` a row of ``k = 5`` is as large as a full one.
+
     Args:
         num_samples: number of training samples (indices ``0 … num_samples − 1``).
         num_classes: number of logits per sample.
@@ -92,6 +103,8 @@ class SAF:
             host syncs.
         memmap_path: keep the store in a memory-mapped file at this path (created or
             overwritten), for datasets whose store does not fit in memory.
+        top_k: ``None`` (default) keeps full rows; ``k`` in ``1 … num_classes`` keeps the
+            compressed rows described under "A compressed store".
     """
 
     def __init__(
@@ -105,14 +118,23 @@ class SAF:
         store_dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cpu",
         memmap_path: str | Path | None = None,
+        *,
+        top_k: int | None = None,
     ) -> None:
         self.lam = check_real("lam", lam, minimum=0.0)
         self.tau = check_real("tau", tau, minimum=0.0, exclusive_minimum=True)
         self.lag_epochs = check_int("lag_epochs", lag_epochs, minimum=1)
         self.start_epoch = check_int("start_epoch", start_epoch)
-        self.store = LogitStore(
-            num_samples, num_classes, lag_epochs, store_dtype, device, memmap_path
-        )
+        self.store: LogitStore
+        if top_k is None:
+            self.store = LogitStore(
+                num_samples, num_classes, lag_epochs, store_dtype, device, memmap_path
+            )
+        else:
+            self.store = TopKLogitStore(
+                num_samples, num_classes, lag_epochs, top_k, store_dtype, device, memmap_path
+            )
+        self.top_k = top_k
         self.epoch = 0
         self._last: _LastBatch | None = None
         self._unreported_skips: Tensor | None = None
@@ -129,7 +151,8 @@ class SAF:
 
     @property
     def memory_bytes(self) -> int:
-        """Size of the store in bytes: ``N·C·Ẽ·itemsize + N·Ẽ·4`` (see the class docstring)."""
+        """Size of the store in bytes: ``N·C·Ẽ·itemsize + N·Ẽ·4`` (full rows) or
+        ``N·Ẽ·(row_bytes + 4)`` (``top_k``); see the class docstring."""
         return self.store.memory_bytes
 
     @property
@@ -161,30 +184,48 @@ class SAF:
         targets, valid = self.lookup(logits, indices, record)
         if not self.active or self.lam == 0:
             return zero_term(logits)
-        return tempered_kl(logits, targets, self.tau, valid, weight=self.lam)
+        return self.store.kl(logits, targets, self.tau, valid, weight=self.lam)
 
-    def lookup(self, logits: Tensor, indices: Tensor, record: bool = True) -> tuple[Tensor, Tensor]:
+    def lookup(self, logits: Tensor, indices: Tensor, record: bool = True) -> tuple[Rows, Tensor]:
         """The batch's targets and their validity; records the batch if ``record``.
 
-        Returns ``(targets, valid)`` on ``logits``' device: the stored logits of
-        ``lag_epochs`` epochs ago, shape ``(B, C)`` in the store dtype, and a ``(B,)`` bool
-        mask of the rows that have one (see "Which rows count"). Another pass over the
-        previous recording call's batch returns what that call read and records nothing.
+        Returns ``(targets, valid)`` on ``logits``' device: the stored rows of
+        ``lag_epochs`` epochs ago in the store's row format (full rows: ``(logits[B, C],)``
+        in the store dtype; ``top_k``: compressed rows), and a ``(B,)`` bool mask of the
+        rows that have one (see "Which rows count"); ``self.store.kl`` computes the term
+        against them. Another pass over the previous recording call's batch returns what
+        that call read and records nothing.
         """
         previous = self.previous_lookup(indices)
         if previous is not None:
             self.store.check_batch(logits, indices)
             return previous
-        exchange = self.store.exchange(logits, indices, self.epoch, record=record)
+        self.store.check_batch(logits, indices)
+        return self._exchange(self.store.encode(logits, self.tau), indices, record)
+
+    def lookup_rows(self, rows: Rows, indices: Tensor, record: bool = True) -> tuple[Rows, Tensor]:
+        """:meth:`lookup` for a batch already encoded by ``self.store.encode`` (e.g. the
+        global batch gathered from several processes), returned on the rows' device.
+
+        The indices are trusted (``self.store.check_batch`` checks them with the logits).
+        """
+        previous = self.previous_lookup(indices)
+        if previous is not None:
+            return previous
+        return self._exchange(rows, indices, record)
+
+    def _exchange(self, rows: Rows, indices: Tensor, record: bool) -> tuple[Rows, Tensor]:
+        exchange = self.store.exchange_rows(rows, indices, self.epoch, record=record)
         self._note_skips(exchange.skipped)
-        targets = _on_device(exchange.targets, logits.device)
-        valid = _on_device(exchange.valid, logits.device)
+        device = rows[0].device
+        targets = tuple(_on_device(part, device) for part in exchange.rows)
+        valid = _on_device(exchange.valid, device)
         if record:
             self._last = _LastBatch(indices, targets, valid)
             self._count_rows(indices.shape[0])
         return targets, valid
 
-    def previous_lookup(self, indices: Tensor) -> tuple[Tensor, Tensor] | None:
+    def previous_lookup(self, indices: Tensor) -> tuple[Rows, Tensor] | None:
         """What the previous recording call of this epoch read, if it had these ``indices``.
 
         ``None`` when ``indices`` differ (a new batch), so the caller must look it up.
@@ -207,6 +248,7 @@ class SAF:
             "tau": self.tau,
             "lag_epochs": self.lag_epochs,
             "start_epoch": self.start_epoch,
+            "top_k": self.top_k,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -218,6 +260,12 @@ class SAF:
         if state["lag_epochs"] != self.lag_epochs:
             raise ValueError(
                 f"expected a state with lag_epochs={self.lag_epochs}, got {state['lag_epochs']}"
+            )
+        top_k = state.get("top_k")  # absent from states saved before top_k existed
+        if top_k != self.top_k:
+            raise ValueError(
+                f"expected a state with top_k={self.top_k}, got top_k={top_k} (a store of "
+                f"{'full rows' if top_k is None else 'the top ' + str(top_k) + ' logits'})"
             )
         self.store.load_state_dict(state["store"])
         self.epoch = int(state["epoch"])
@@ -263,7 +311,7 @@ class SAF:
             f"SAF(num_samples={self.num_samples}, num_classes={self.num_classes}, "
             f"lam={self.lam}, tau={self.tau}, lag_epochs={self.lag_epochs}, "
             f"start_epoch={self.start_epoch}, store_dtype={self.store.dtype}, "
-            f"device={self.store.device}, epoch={self.epoch})"
+            f"device={self.store.device}, top_k={self.top_k}, epoch={self.epoch})"
         )
 
 
@@ -282,7 +330,7 @@ def _require_keys(state: Mapping[str, Any], keys: Set[str]) -> None:
 class _LastBatch:
     """The previous recording call's indices and the targets it read, for repeated passes."""
 
-    def __init__(self, indices: Tensor, targets: Tensor, valid: Tensor) -> None:
+    def __init__(self, indices: Tensor, targets: Rows, valid: Tensor) -> None:
         self.indices = indices.clone()
         self.targets = targets
         self.valid = valid

@@ -1,0 +1,218 @@
+"""A compressed SAF store: per sample and slot, the top ``k`` past logits and the rest's mass.
+
+SAF (Du et al., NeurIPS 2022) keeps ``N·C·Ẽ`` past logits, which at ImageNet-21k scale
+(14.2 M samples × 21,841 classes) is terabytes even in float16. Its term only needs the
+past distribution ``p = softmax(z̃/τ)``, and a KL that merges the classes outside the
+``k`` largest past logits into one bucket
+(:func:`~flatmin.trajectory.kl.bucketed_tempered_kl`) needs only:
+
+- the ``k`` largest past logits, in the store dtype (float16 by default),
+- their classes, in the narrowest integer type that holds ``C`` (uint8 up to 256
+  classes, int16 up to 32,768, int32 beyond),
+- ``rest_lse = log Σ_{j∉top} exp(z̃_j/τ)``, the log-sum-exp of the tempered logits
+  outside the top ``k`` (float32).
+
+From these, the log-sum-exp over *all* classes is ``logaddexp(logsumexp(top/τ), rest_lse)``
+and the bucket's mass is ``r = exp(rest_lse − that)``: known to float32 precision however
+small it is. (Keeping the all-class log-sum-exp instead would give ``r`` only as
+``1 − Σ_top p_i``, which cancels to noise when the top ``k`` hold nearly all the mass and
+can turn negative once the top logits are rounded to float16.)
+
+**Row layout.** The three fields of one sample and slot are packed into one row of bytes,
+``rest_lse | values | classes`` (fields in decreasing item size, so each is aligned),
+padded to a multiple of 4 bytes: ``row_bytes = ⌈(4 + k·(itemsize + class bytes))/4⌉·4``.
+A slot is then one ``(N, row_bytes)`` uint8 table, and the look-up is the full store's:
+one ``index_select`` and one ``index_copy_`` per batch, however many fields a row has.
+:data:`~flatmin.trajectory.logit_store.Rows` of this store are ``(packed[B, row_bytes],)``;
+:meth:`TopKLogitStore.unpack` views them as ``(values, classes, rest_lse)``.
+
+Memory: ``N·Ẽ·(row_bytes + 4)`` bytes (the 4 for the epoch that wrote the slot), e.g.
+ImageNet-1k (N = 1,281,167, C = 1000) at ``k = 10``, Ẽ = 3: 44 + 4 bytes per sample and
+slot, 176 MiB — against 7,346 MiB for full float16 rows.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from flatmin.optim._checks import check_int
+from flatmin.trajectory.kl import bucketed_tempered_kl
+from flatmin.trajectory.logit_store import LogitStore, Rows
+
+
+class TopKRows(NamedTuple):
+    """A batch of compressed rows, unpacked: ``values (B, k)`` in the store dtype (largest
+    first), their ``classes (B, k)`` and ``rest_lse (B,)`` (float32)."""
+
+    values: Tensor
+    classes: Tensor
+    rest_lse: Tensor
+
+
+def class_dtype(num_classes: int) -> torch.dtype:
+    """The narrowest integer dtype that holds the classes ``0 … num_classes − 1``."""
+    num_classes = check_int("num_classes", num_classes, minimum=1)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if num_classes - 1 <= info.max:
+            return dtype
+    raise ValueError(f"num_classes must be at most 2**31, got {num_classes}")
+
+
+class TopKLogitStore(LogitStore):
+    """``Ẽ`` slots per sample of the ``k`` largest logits, their classes and the rest's mass.
+
+    The bookkeeping (slots, epochs, first visits, memory maps, state dicts) is
+    :class:`~flatmin.trajectory.logit_store.LogitStore`'s; only the row differs (see the
+    module docstring). The term against these rows is
+    :func:`~flatmin.trajectory.kl.bucketed_tempered_kl` (:meth:`kl`).
+
+    Args:
+        num_samples, num_classes, num_slots, dtype, device, memmap_path: as for
+            :class:`~flatmin.trajectory.logit_store.LogitStore` (``dtype`` is the values').
+        top_k: ``k``, how many of the largest logits each row keeps (``1 … C``).
+
+    Example::
+
+        import torch
+        from flatmin.trajectory.topk_store import TopKLogitStore
+
+        store = TopKLogitStore(num_samples=100, num_classes=1000, num_slots=3, top_k=10)
+        out = store.exchange(torch.randn(8, 1000), torch.arange(8), epoch=0, tau=5.0)
+        values, classes, rest_lse = store.unpack(out.rows)   # (8, 10), (8, 10), (8,)
+    """
+
+    _TABLE_KEY = "rows"
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int,
+        num_slots: int,
+        top_k: int,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str = "cpu",
+        memmap_path: str | Path | None = None,
+    ) -> None:
+        self.class_dtype = class_dtype(num_classes)
+        self.top_k = check_int("top_k", top_k, minimum=1, maximum=num_classes)
+        super().__init__(num_samples, num_classes, num_slots, dtype, device, memmap_path)
+        info = torch.finfo(self.dtype)
+        # Magnitudes from here on round to inf in the store dtype: max + half an ulp.
+        self._overflow = info.max + info.eps * 2.0 ** (math.frexp(info.max)[1] - 1) / 2
+
+    # -- the row format ----------------------------------------------------------------
+
+    def _row_layout(self) -> tuple[int, torch.dtype]:
+        k = self.top_k
+        fields = [("values", self.dtype, k), ("classes", self.class_dtype, k)]
+        fields.sort(key=lambda field: -field[1].itemsize)  # stable: aligned offsets
+        self._fields = {"rest_lse": (0, 4)}
+        offset = 4
+        for name, dtype, count in fields:
+            self._fields[name] = (offset, offset + count * dtype.itemsize)
+            offset += count * dtype.itemsize
+        self.row_bytes = -(-offset // 4) * 4
+        self._padding = self.row_bytes - offset
+        return self.row_bytes, torch.uint8
+
+    def _field(self, rows: Tensor, name: str, dtype: torch.dtype) -> Tensor:
+        start, stop = self._fields[name]
+        return rows[..., start:stop].view(dtype)
+
+    def unpack(self, rows: Rows) -> TopKRows:
+        """The fields of packed rows (views, no copy); ``rows`` as :meth:`encode` gives them
+        or as :meth:`exchange` reads them."""
+        (packed,) = rows
+        return TopKRows(
+            self._field(packed, "values", self.dtype),
+            self._field(packed, "classes", self.class_dtype),
+            self._field(packed, "rest_lse", torch.float32)[..., 0],
+        )
+
+    def pack(self, values: Tensor, classes: Tensor, rest_lse: Tensor) -> Rows:
+        """Rows from their fields (``values`` in the store dtype, ``classes`` in
+        :attr:`class_dtype`, ``rest_lse`` float32; all on one device)."""
+        parts = {
+            "rest_lse": rest_lse[:, None].view(torch.uint8),
+            "values": values.view(torch.uint8),
+            "classes": classes.view(torch.uint8),
+        }
+        ordered = [parts[name] for name in self._fields]
+        if self._padding:
+            ordered.append(values.new_zeros((values.shape[0], self._padding), dtype=torch.uint8))
+        return (torch.cat(ordered, dim=1),)
+
+    @property
+    def values(self) -> Tensor:
+        """The stored top logits, ``(Ẽ, N, k)`` in the store dtype (a view of the table)."""
+        return self._field(self.table, "values", self.dtype)
+
+    @property
+    def classes(self) -> Tensor:
+        """Their classes, ``(Ẽ, N, k)`` in :attr:`class_dtype` (a view of the table)."""
+        return self._field(self.table, "classes", self.class_dtype)
+
+    @property
+    def rest_lse(self) -> Tensor:
+        """``log Σ_{j∉top} exp(z̃_j/τ)``, ``(Ẽ, N)`` float32 (a view of the table)."""
+        return self._field(self.table, "rest_lse", torch.float32)[..., 0]
+
+    @property
+    def logits(self) -> Tensor:
+        raise AttributeError(
+            "a top-k store keeps no full logits; read .values, .classes and .rest_lse"
+        )
+
+    def encode(self, logits: Tensor, tau: float | None = None) -> Rows:
+        """Compress a batch ``(B, C)`` of logits into rows, on ``logits``' device.
+
+        ``tau`` is the temperature of ``rest_lse`` (required). A row that is not finite
+        once cast to the store dtype gets ``rest_lse = NaN``, the mark that keeps it out
+        of the store (as the full store keeps such rows out).
+        """
+        if tau is None or not tau > 0:
+            raise ValueError(f"a top-k store needs the temperature tau > 0, got {tau}")
+        k, z = self.top_k, logits.detach()
+        with torch.no_grad():
+            if k < self.num_classes:
+                # The (k+1)-th largest logit is the largest outside the top k: the shift
+                # that keeps the rest's log-sum-exp exact however far below the top it is.
+                values, classes = z.topk(k + 1, dim=1)
+                shift = values[:, k:].to(self._compute_dtype(z))
+                values, classes = values[:, :k], classes[:, :k]
+                others = z.to(shift.dtype).scatter(1, classes, float("-inf"))
+                inv_tau = 1.0 / tau
+                rest = others.sub_(shift).mul_(inv_tau).exp_().sum(dim=1).log_()
+                rest = rest.add_(shift[:, 0], alpha=inv_tau)
+            else:
+                values, classes = z.topk(k, dim=1)
+                rest = z.new_full((z.shape[0],), float("-inf"), dtype=torch.float32)
+            # The row is finite in the store dtype iff its largest magnitude is below the
+            # dtype's overflow threshold (NaN fails the comparison too).
+            finite = z.abs().amax(dim=1) < self._overflow
+            rest = rest.to(torch.float32).masked_fill_(finite.logical_not(), float("nan"))
+        values = values.to(self.dtype).contiguous()
+        return self.pack(values, classes.to(self.class_dtype), rest)
+
+    @staticmethod
+    def _compute_dtype(z: Tensor) -> torch.dtype:
+        return torch.promote_types(z.dtype, torch.float32)
+
+    def _finite_rows(self, rows: Rows) -> Tensor:
+        rest = self.unpack(rows).rest_lse
+        return rest == rest  # NaN marks a row that is not finite; −inf (k = C) is fine
+
+    def kl(
+        self, logits: Tensor, rows: Rows, tau: float, valid: Tensor | None = None,
+        *, weight: float = 1.0,
+    ) -> Tensor:  # fmt: skip
+        """``weight·τ²·mean KL_k(past ‖ present)`` against rows read from this store
+        (:func:`~flatmin.trajectory.kl.bucketed_tempered_kl`)."""
+        values, classes, rest_lse = self.unpack(rows)
+        return bucketed_tempered_kl(logits, values, classes, rest_lse, tau, valid, weight=weight)
