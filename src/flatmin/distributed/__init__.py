@@ -10,6 +10,18 @@
 * :mod:`~flatmin.distributed.launch` — N local gloo processes (the reference trainer on
   N processes, ``flatmin train --nproc N``, is :mod:`flatmin.train.ddp`).
 
+Past one machine's memory, with FSDP2 (``torch.distributed.fsdp.fully_shard``):
+
+* :func:`sam_step` with ``perturbation="global"`` steps every SAM-family member on the
+  shards (:mod:`~flatmin.distributed.fsdp`: helpers for sharded models);
+* :mod:`~flatmin.distributed.sharded_saf` — :class:`ShardedSAF`, SAF's store split across
+  the processes (each holds ``1/W`` of it);
+* :mod:`~flatmin.distributed.sharded_checkpoint` — sharded checkpoints with
+  ``torch.distributed.checkpoint``.
+
+These two modules import ``torch.distributed.tensor`` (about a second), so they are
+loaded on first use of their names here.
+
 A loop of your own, on each process (``torchrun --nproc-per-node N script.py``)::
 
     init_from_env()
@@ -24,6 +36,9 @@ A loop of your own, on each process (``torchrun --nproc-per-node N script.py``):
         log(reduce_metrics({"loss": loss}))              # the same numbers on every rank
 """
 
+import importlib
+from typing import Any
+
 from flatmin.distributed.checkpoint import load_on_every_rank, save_on_rank0
 from flatmin.distributed.collectives import (
     average_gradients,
@@ -37,7 +52,25 @@ from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
 from flatmin.distributed.sam import first_pass, sam_step
 
+_LAZY = {
+    "ShardedSAF": "flatmin.distributed.sharded_saf",
+    "load_sharded": "flatmin.distributed.sharded_checkpoint",
+    "load_sharded_state_dict": "flatmin.distributed.sharded_checkpoint",
+    "per_rank": "flatmin.distributed.sharded_checkpoint",
+    "save_sharded": "flatmin.distributed.sharded_checkpoint",
+    "sharded_state_dict": "flatmin.distributed.sharded_checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flatmin.distributed' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
+    *_LAZY,
     "DistributedMESA",
     "DistributedSAF",
     "average_gradients",

@@ -161,7 +161,7 @@ def all_gather_rows(tensor: Tensor, group: ProcessGroup = None) -> tuple[Tensor,
     if size == 1:
         return tensor, 0
     counts = torch.empty(size, dtype=torch.long, device=tensor.device)
-    dist.all_gather_into_tensor(
+    dist.all_gather_single(
         counts, torch.tensor([tensor.shape[0]], device=tensor.device), group=group
     )
     counts = counts.tolist()
@@ -169,7 +169,7 @@ def all_gather_rows(tensor: Tensor, group: ProcessGroup = None) -> tuple[Tensor,
     padded = tensor.new_zeros((most, *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
     gathered = tensor.new_empty((size * padded.numel(),))  # gloo wants a flat output
-    dist.all_gather_into_tensor(gathered, padded.reshape(-1), group=group)
+    dist.all_gather_single(gathered, padded.reshape(-1), group=group)
     gathered = gathered.view(size, most, *tensor.shape[1:])
     rows = torch.cat([gathered[r, :count] for r, count in enumerate(counts)])
     return rows, sum(counts[: dist.get_rank(group)])

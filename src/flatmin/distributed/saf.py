@@ -138,9 +138,10 @@ class DistributedSAF:
         if not saf.active or saf.lam == 0:
             return zero_term(logits)
         local_mean = saf.store.kl(logits, targets, saf.tau, valid)
-        local_count = valid.sum()
-        share = local_count * world_size(self.process_group) / global_count.clamp(min=1)
-        return saf.lam * local_mean * share.to(local_mean.dtype)
+        # The share in the term's dtype: int64 / int64 would give float32.
+        dtype = local_mean.dtype
+        share = valid.sum().to(dtype) * world_size(self.process_group)
+        return saf.lam * local_mean * share / global_count.to(dtype).clamp(min=1)
 
     def __repr__(self) -> str:
         return f"DistributedSAF({self.saf!r}, world_size={world_size(self.process_group)})"
