@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv on first use and install flatmin with everything the demo and tests need.
+# Create .venv on first use and install flatmin with everything the demo and tests need
+# (the integrations extra included: Lightning, accelerate, transformers).
 # torch: keep the user's own if the base Python already has it; otherwise install the
 # CPU build 2.13.0 (found on disk through --find-links where present) rather than
 # letting pip resolve "torch" to a multi-gigabyte CUDA build.
@@ -24,5 +25,9 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     "${PIP[@]}" install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"
   fi
 fi
-"${PIP[@]}" install -e ".[all]"
+# Pin the torch that is there (2.13.0 matches 2.13.0+cpu), so that nothing installed
+# next to it (the frameworks of the integrations extra) can replace it by another build.
+"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" \
+  > "$VENV/torch-constraint.txt"
+"${PIP[@]}" install -c "$VENV/torch-constraint.txt" -e ".[all]"
 touch "$VENV/.installed"
