@@ -95,3 +95,22 @@ def test_nonfinite_first_pass_without_scaler_skips_when_asked():
     opt.second_step(zero_grad=True)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert opt.state_dict()["state"] == {}
+
+
+def test_folding_the_first_pass_check_lets_an_outside_scaler_skip_the_step():
+    """A caller whose GradScaler unscales and steps after the second backward (the
+    transformers Trainer): a non-finite first pass must make the scaler skip."""
+    x, y = data()
+    model, opt = setup()
+    scaler = CountingScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(model(x), y) * float("inf")
+    scaler.scale(loss).backward()
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()  # finite
+    opt.fold_first_pass_check()
+    scaler.unscale_(opt)
+    scaler.update()  # an overflow was recorded: the scale backs off
+    assert scaler.get_scale() == 2.0**9
+    opt.abandon_step()  # what the skip leaves to do
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -69,6 +69,6 @@ def no_closure_error(optimizer_name: str) -> ValueError:
         "instead), Lightning's precision='16-mixed' (use "
         "flatmin.integrations.lightning.SAMPrecision), accelerate with fp16 (call "
         "optimizer.optimizer.step(closure, grad_scaler=accelerator.scaler)), transformers' "
-        "Trainer (use flatmin.integrations.transformers.SAMTrainer). See the README section "
+        "Trainer (use flatmin.integrations.transformers.FlatminTrainer). See the README section "
         "'Use with your framework'."
     )

@@ -349,6 +349,23 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
 
     @step_entry
     @torch.no_grad()
+    def fold_first_pass_check(self) -> None:
+        """Make the gradients now in ``.grad`` non-finite if the first pass's were.
+
+        For a caller whose own GradScaler unscales and steps after the second backward,
+        with an optimizer whose ``step()`` is :meth:`second_step` (transformers' Trainer
+        through :class:`flatmin.integrations.transformers.FlatminTrainer`): the scaler
+        then skips the step, and lowers its scale, for an overflow in either pass. Call
+        it after the second backward, before the scaler unscales; ``second_step`` itself
+        does this when it is given the scaler."""
+        if not self.is_perturbed:
+            raise RuntimeError("fold_first_pass_check() belongs between first_step and second_step")
+        for b in self._buckets:
+            b.refresh_grads()
+        mark_nonfinite_(self._buckets, self._first_finite)
+
+    @step_entry
+    @torch.no_grad()
     def restore_weights(self) -> None:
         """Copy the saved ``w`` back into every perturbed parameter (exact, idempotent)."""
         if self._backup is None:
