@@ -87,6 +87,7 @@ class FlatminCallback(pl.Callback):
 
     def __init__(self) -> None:
         self._module: pl.LightningModule | None = None
+        self._terms: dict[str, Term] = {}
         self._pending: dict[str, Any] | None = None
         self._last_step: int | None = None
 
@@ -113,13 +114,14 @@ class FlatminCallback(pl.Callback):
             for name, state in self._pending.items():
                 terms[name].load_state_dict(state)
             self._pending = None
-        for term in trajectory_terms(pl_module).values():
+        self._terms = trajectory_terms(pl_module)  # found once, not at every batch
+        for term in self._terms.values():
             if isinstance(term, MESA):
                 _warn_if_the_average_stalls(term)
         self._last_step = trainer.global_step
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for term in trajectory_terms(pl_module).values():
+        for term in self._terms.values():
             term.set_epoch(trainer.current_epoch)
 
     def on_train_batch_end(
@@ -133,7 +135,7 @@ class FlatminCallback(pl.Callback):
         if trainer.global_step == self._last_step:  # no optimizer step (accumulating)
             return
         self._last_step = trainer.global_step
-        for term in trajectory_terms(pl_module).values():
+        for term in self._terms.values():
             if isinstance(term, MESA) and term.updates_teacher:
                 term.update()
 
