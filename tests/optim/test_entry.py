@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,3 +72,12 @@ def test_compiled_model_with_sam_equals_the_eager_model():
     for key, value in runs[0].items():
         torch.testing.assert_close(runs[1][key], value, rtol=0, atol=1e-6)
     assert runs[1]["1.num_batches_tracked"].item() == len(data)
+
+
+def test_importing_the_optimizers_does_not_import_the_compiler():
+    """torch._dynamo costs about a second and 70 MB: only a user who compiles pays it."""
+    code = "import sys, flatmin.optim; print('torch._dynamo' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -1,10 +1,11 @@
 """The public methods that drive a SAM-family step: always eager, always on the real optimizer.
 
 A step moves the weights to ``w + ε`` and back between two forward/backward passes and
-keeps a copy of ``w`` in between, so it runs eagerly: each such method is wrapped in
-``torch.compiler.disable``. ``torch.compile(opt.step)`` then runs the step eagerly (a
-graph break), and ``torch.compile(opt.step, fullgraph=True)`` refuses before anything
-runs. Compile the model instead: ``torch.compile(model)`` works with every member.
+keeps a copy of ``w`` in between, so it runs eagerly: each such method behaves as if
+wrapped in ``torch.compiler.disable`` (:func:`step_entry`). ``torch.compile(opt.step)``
+then runs the step eagerly (a graph break), and ``torch.compile(opt.step,
+fullgraph=True)`` refuses before anything runs. Compile the model instead:
+``torch.compile(model)`` works with every member.
 
 Frameworks may hand the user a proxy whose class imitates the optimizer's:
 Lightning's ``LightningOptimizer`` becomes a subclass of the wrapped optimizer's class and
@@ -16,6 +17,7 @@ These methods therefore find the real optimizer held by such a proxy and run the
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -46,16 +48,32 @@ def real_optimizer(obj: Any) -> Any:
 
 
 def step_entry(method: F) -> F:
-    """Decorate a public step method: run it on :func:`real_optimizer`, never compiled."""
+    """Decorate a public step method: run it on :func:`real_optimizer`, never compiled.
+
+    The wrapper carries the marks of ``torch.compiler.disable`` (dynamo does not trace
+    into it: a graph break, or a refusal under ``fullgraph=True``), and once dynamo has
+    been imported it calls the method through ``torch.compiler.disable`` so that the
+    frames below run eagerly too. Until then nothing can be compiling, so importing
+    flatmin does not import dynamo (about a second and 70 MB).
+    """
 
     @functools.wraps(method)
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         real = real_optimizer(self)
         if real is not self:
             return getattr(real, method.__name__)(*args, **kwargs)
+        if "torch._dynamo" in sys.modules:
+            return _eager(method)(self, *args, **kwargs)
         return method(self, *args, **kwargs)
 
-    return torch.compiler.disable(run, reason=EAGER_REASON)  # type: ignore[return-value]
+    run._torchdynamo_disable = True  # type: ignore[attr-defined]
+    run._torchdynamo_disable_msg = EAGER_REASON  # type: ignore[attr-defined]
+    return run  # type: ignore[return-value]
+
+
+@functools.cache
+def _eager(method: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compiler.disable(method, reason=EAGER_REASON)
 
 
 def no_closure_error(optimizer_name: str) -> ValueError:
