@@ -55,6 +55,25 @@ def test_flags_reach_the_configuration(tmp_path):
     )
 
 
+def test_top_k_trains_a_compressed_store_that_resumes_bit_exactly(tmp_path):
+    args = ["--method", "saf", "--top-k", "3", "--epochs", "3", "--start-epoch", "0",
+            "--lag-epochs", "1"]  # fmt: skip
+    assert _train(tmp_path, *args, out="straight") == 0
+    assert _train(tmp_path, *args, "--stop-after", "2") == 0
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 0
+    straight = tmp_path / "straight" / "checkpoint.pt"
+    assert_runs_equal(straight, tmp_path / "run" / "checkpoint.pt")
+    saf = torch.load(straight, weights_only=True)["method_state"]["saf"]
+    assert saf["top_k"] == 3 and set(saf["store"]) == {"rows", "written_epoch"}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["top_k"] == 3
+
+
+def test_a_top_k_above_the_datasets_classes_is_one_line_and_writes_nothing(tmp_path, capsys):
+    assert _train(tmp_path, "--method", "saf", "--top-k", "11") == 2
+    assert_one_line_error(capsys.readouterr().err, "--top-k", "10 classes, got 11")
+    assert not any((tmp_path / "run").iterdir())
+
+
 def test_help_shows_each_methods_default(capsys):
     parser, _ = build_parser(["train"])
     with pytest.raises(SystemExit):
@@ -85,6 +104,8 @@ def test_help_shows_each_methods_default(capsys):
         (["--warmup-epochs", "5", "--epochs", "5"], ["warmup_epochs must be an integer >= 0"]),
         (["--step-milestones", "0.5", "1.5"], ["step_milestones must be a finite number > 0.0"]),
         (["--threads", "0"], ["threads must be an integer >= 1, got 0"]),
+        (["--method", "saf", "--top-k", "-1"], ["--top-k must be an integer >= 0, got -1"]),
+        (["--method", "sam", "--top-k", "3"], ["--top-k does not apply to method 'sam'"]),
     ],
 )
 def test_bad_names_and_values_are_explained(tmp_path, capsys, args, expected):

@@ -35,7 +35,7 @@ def test_the_issue_methods_are_registered():
         ("sam", {"rho": 0.05, "momentum": 0.9}),  # Foret et al.: ρ = 0.05, SGD momentum 0.9
         ("asam", {"rho": 0.5, "eta": 0.01}),  # Kwon et al., CIFAR-10
         ("stablesam", {"rho": 0.05, "stable_cap": False}),
-        ("saf", {"lam": 0.3, "tau": 5.0, "lag_epochs": 3, "start_epoch": 5}),
+        ("saf", {"lam": 0.3, "tau": 5.0, "lag_epochs": 3, "start_epoch": 5, "top_k": 0}),
         ("mesa", {"lam": 0.8, "tau": 5.0, "ema_decay": 0.9998, "start_epoch": 5}),
         ("adamw", {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999}),
         ("gsam", {"rho": 0.05, "alpha": 0.4}),  # REFERENCE: α ≈ 0.4 in the examples
@@ -184,6 +184,21 @@ def test_extra_memory(method, expected):
     n_params = sum(p.numel() for p in model.parameters())
     built = get_method(method).create(model, {}, CONTEXT)
     assert built.extra_memory_bytes(model) == expected(n_params)
+
+
+def test_saf_top_k_builds_the_compressed_store_and_refuses_more_than_c():
+    model = _model()
+    built = get_method("saf").create(model, {"top_k": 2}, CONTEXT)
+    saf = built.terms["saf"].saf
+    assert saf.top_k == 2 and saf.store.top_k == 2
+    # per sample and slot: 4 (rest_lse) + 2·2 (float16 values) + 2·1 (uint8 classes) → 12
+    # bytes, + 4 for the epoch stamp; N = 16, Ẽ = 3
+    assert built.extra_memory_bytes(model) == 16 * 3 * (12 + 4)
+    assert get_method("saf").create(model, {"top_k": 0}, CONTEXT).terms["saf"].saf.top_k is None
+    with pytest.raises(ValueError, match=r"--top-k must be 0 .* 3 classes, got 4"):
+        get_method("saf").create(model, {"top_k": 4}, CONTEXT)
+    with pytest.raises(ValueError, match="--top-k must be an integer >= 0, got -1"):
+        get_method("saf").resolve({"top_k": -1})
 
 
 def test_method_state_round_trip_and_mismatch():

@@ -11,7 +11,9 @@ Presets (:func:`study`):
   defaults over 5 seeds, 60 epochs; SAF's λ and Ẽ and MESA's EMA decay swept; SGD / SAM /
   StableSAM over a learning-rate sweep; a small search of budget and ρ on Fashion-MNIST
   with 40 % noise (SGD vs SAM), then every method on Fashion-MNIST clean and with 40 %
-  noise (a 10k-sample subset; MLP).
+  noise (a 10k-sample subset; MLP); SAF's compressed store (``top_k`` ∈ {1, 2, 3, 5, 10})
+  against full rows on both noisy settings, with the error of the term's gradient
+  measured on the full store's last logits.
 - ``full``: the MNIST-1D sections with 100 epochs and the learning-rate sweep over 5
   seeds; every method on the whole Fashion-MNIST training set (MLP), clean for 30
   epochs and with 40 % noise for 60.
@@ -70,6 +72,9 @@ class Section:
     batch_size: int = 128
     track_sharpness: bool = True
     settings: Mapping[str, Any] = field(default_factory=dict)  # other TrainConfig fields
+    # SAF top-k sections: the k whose gradient error is measured on the full store's runs
+    # (the variant labelled "saf"), see flatmin.bench.topk.gradient_errors
+    top_k_gradient: tuple[int, ...] = ()
 
 
 def _core_variants(rho: float | None = None, **trajectory: Any) -> tuple[Variant, ...]:
@@ -117,6 +122,16 @@ def _lr_sweep_variants(lrs: Sequence[float], main: str | None = None) -> tuple[V
                 variant = variant.reused_from(main, method)
             out.append(variant)
     return tuple(out)
+
+
+def _top_k_variants(home: str, ks: Sequence[int], **saf: Any) -> tuple[Variant, ...]:
+    """SGD and SAF with full rows (the runs of the section ``home``), and SAF with
+    ``top_k = k`` for each ``k``, paired with SAF's full rows."""
+    return (
+        Variant.of("sgd").reused_from(home),
+        Variant.of("saf", **saf).reused_from(home),
+        *(Variant.of("saf", f"saf-top{k}", baseline="saf", top_k=k, **saf) for k in ks),
+    )
 
 
 def _fmnist_search_variants(rhos: Sequence[float]) -> tuple[Variant, ...]:
@@ -168,8 +183,20 @@ def _quick() -> tuple[Section, ...]:
     # label noise; the search sections that chose the budget are in RESULTS.md.
     fm = {"dataset": "fashion-mnist", "model": "mlp", "subset": 10_000, "epochs": 30}
     short = {"start_epoch": 3, "lag_epochs": 2}
+    ks = (1, 2, 3, 5, 10)  # 10 = C: the bucket is empty, the term the full one
     return (
         *_mnist1d_sections(epochs=60, sweep_seeds=three),
+        Section(
+            "mnist1d-noise40-topk",
+            "MNIST-1D 40 % noise: SAF's top-k store against full rows (60 epochs)",
+            variants=_top_k_variants("mnist1d-noise40", ks),
+            seeds=five,
+            dataset="mnist1d",
+            model="cnn1d",
+            label_noise=0.4,
+            epochs=60,
+            top_k_gradient=ks,
+        ),
         Section(
             "fmnist-search",
             "Fashion-MNIST 40 % noise: budget × ρ search (SGD vs SAM)",
@@ -197,6 +224,16 @@ def _quick() -> tuple[Section, ...]:
             variants=_core_variants(rho=0.1, **short),
             seeds=five,
             label_noise=0.4,
+            **fm,
+        ),
+        Section(
+            "fmnist-noise40-topk",
+            "Fashion-MNIST 40 % noise: SAF's top-k store against full rows (10k subset, MLP, "
+            "30 epochs)",
+            variants=_top_k_variants("fmnist-noise40", ks, **short),
+            seeds=five,
+            label_noise=0.4,
+            top_k_gradient=ks,
             **fm,
         ),
     )

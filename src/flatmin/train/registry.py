@@ -195,8 +195,15 @@ register(MethodSpec(
 
 
 def _saf(model: nn.Module, hp: Mapping[str, Any], ctx: MethodContext) -> Method:
+    top_k = hp["top_k"]
+    if top_k > ctx.num_classes:
+        raise ValueError(
+            f"--top-k must be 0 (full rows) or at most the dataset's {ctx.num_classes} "
+            f"classes, got {top_k}"
+        )
     saf = SAF(ctx.num_samples, ctx.num_classes, lam=hp["lam"], tau=hp["tau"],
-              lag_epochs=hp["lag_epochs"], start_epoch=hp["start_epoch"])  # fmt: skip
+              lag_epochs=hp["lag_epochs"], start_epoch=hp["start_epoch"],
+              top_k=top_k or None)  # fmt: skip
     optimizer = torch.optim.SGD(model.parameters(), **sgd_kwargs(hp))
     return Method(optimizer, terms={"saf": SAFTerm(saf)})
 
@@ -216,7 +223,9 @@ register(MethodSpec(
      Hyperparameter("lam", 0.3, "weight λ of the trajectory KL term", minimum=0.0),
      Hyperparameter("tau", 5.0, "temperature τ of the KL term", minimum=1e-12),
      Hyperparameter("lag_epochs", 3, "SAF's lag Ẽ in epochs", minimum=1),
-     Hyperparameter("start_epoch", 5, START_HELP, minimum=0)),
+     Hyperparameter("start_epoch", 5, START_HELP, minimum=0),
+     Hyperparameter("top_k", 0, "SAF: store only the K largest past logits per sample and "
+                    "the others' mass, the KL's bucket (0: full rows)", minimum=0)),
     _saf,
 ))  # fmt: skip
 register(MethodSpec(
