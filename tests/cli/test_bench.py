@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from flatmin.cli import main
@@ -68,3 +70,23 @@ def test_speed_refuses_bad_counts_before_timing(tmp_path, capsys, option, messag
 def test_figures_without_runs_says_where_it_looked(tmp_path, capsys):
     assert main(["bench", "figures", "--runs", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
     assert_one_line_error(capsys.readouterr().err, f"no runs in {tmp_path / 'mnist1d-noise40'}")
+
+
+def test_report_of_some_sections_has_its_own_tables_and_leaves_the_study_s_alone(tmp_path):
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    results.mkdir()
+    (results / "accuracy_quick.txt").write_text("the whole study's tables\n")
+    for label, acc in (("sgd", 0.5), ("sam-rho0.1", 0.6)):
+        for seed in (0, 1):
+            run = runs / "fmnist-search" / f"{label}-s{seed}"
+            run.mkdir(parents=True)
+            final = {"test_acc": acc + seed / 100, "sam_sharpness": 0.01, "lambda_max": 2.0,
+                     "train_loss": 1.0, "train_wall_time": 5.0}  # fmt: skip
+            (run / "final.json").write_text(json.dumps(final))
+    code = main(["bench", "accuracy", "--report", "--sections", "fmnist-search",
+                 "--out", str(runs), "--results", str(results)])  # fmt: skip
+    assert code == 0
+    text = (results / "accuracy_quick_fmnist-search.txt").read_text()
+    assert "| sam-rho0.1 | 2 | 60.50 ± 0.71 | +10.00" in text
+    assert "MNIST-1D" not in text  # the other sections are not reported
+    assert (results / "accuracy_quick.txt").read_text() == "the whole study's tables\n"

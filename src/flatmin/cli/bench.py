@@ -199,7 +199,11 @@ def _accuracy_options(group: argparse._ArgumentGroup) -> None:
         "--study", choices=sorted(STUDIES), default="quick", help="accuracy study preset"
     )
     group.add_argument(
-        "--sections", nargs="+", metavar="NAME", help="run only these sections of the study"
+        "--sections",
+        nargs="+",
+        metavar="NAME",
+        help="run (and report) only these sections of the study; their tables go to "
+        "accuracy_STUDY_SECTION[_SECTION…].txt",
     )
     group.add_argument(
         "--report", action="store_true", help="only aggregate finished runs into tables"
@@ -229,8 +233,9 @@ def _accuracy(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         skipped = run_study(jobs, root, args.threads, args.epochs, log=_print)
         print(f"done in {time.perf_counter() - started:.0f} s; {skipped} left to other workers")
-    text, data = report(root, study(args.study), missing)
-    stem = Path(args.results) / f"accuracy_{args.study}"
+    text, data = report(root, sections if args.sections else study(args.study), missing)
+    name = "_".join([f"accuracy_{args.study}", *(args.sections or ())])
+    stem = Path(args.results) / name
     if not data["sections"]:
         raise BenchError(
             f"no finished runs of the {args.study} study in {root} (no final.json): "
