@@ -90,3 +90,22 @@ def test_report_of_some_sections_has_its_own_tables_and_leaves_the_study_s_alone
     assert "| sam-rho0.1 | 2 | 60.50 ± 0.71 | +10.00" in text
     assert "MNIST-1D" not in text  # the other sections are not reported
     assert (results / "accuracy_quick.txt").read_text() == "the whole study's tables\n"
+
+
+def test_topk_speed_and_memory_write_their_tables(tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main(["bench", "topk-speed", "--classes", "12", "--top-k", "3", "--samples", "64",
+                 "--batch-size", "16", "--repeats", "1", "--threads", "1", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    speed = json.loads((out / "topk_speed_t1.json").read_text())
+    assert [r["store"] for r in speed["12"]["rows"]] == ["full rows", "top_k=3"]
+    assert "| top_k=3 |" in (out / "topk_speed_t1.txt").read_text()
+    code = main(["bench", "topk-memory", "--memmap-samples", "200", "--out", str(out)])
+    assert code == 0
+    memory = json.loads((out / "topk_memory.json").read_text())
+    assert set(memory["table"]) == {"CIFAR-100", "ImageNet-1k", "ImageNet-21k"}
+    assert memory["memmap"]["file_bytes"] == 3 * 200 * 44  # k = 10 of 1000 classes: 44-byte rows
+    assert not (out / "topk_memmap_store.bin").exists()
+    capsys.readouterr()
+    assert main(["bench", "topk-speed", "--samples", "0", "--out", str(out)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--samples must be an integer >= 1, got 0")

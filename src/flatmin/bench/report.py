@@ -16,6 +16,7 @@ from typing import Any
 from flatmin.bench.accuracy import FINAL_NAME, RunJob
 from flatmin.bench.stats import paired_difference, summarize
 from flatmin.bench.studies import Section
+from flatmin.bench.topk import top_k_summary
 
 
 def collect(root: Path, sections: Sequence[Section]) -> dict[str, dict[str, dict[int, dict]]]:
@@ -123,6 +124,10 @@ def report(
             continue
         data["sections"][section.name] = {"title": section.title, "rows": rows}
         blocks.append(format_section(section, rows))
+        if section.top_k_gradient:
+            text, summary = top_k_summary(section, rows, root)
+            data["sections"][section.name]["top_k"] = summary
+            blocks.append(text)
     if missing:
         blocks.append("Not registered when this ran (left out): " + ", ".join(missing))
     return "\n\n".join(blocks) + "\n", data

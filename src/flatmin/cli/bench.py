@@ -24,6 +24,14 @@ from flatmin.bench.figures import draw_figures
 from flatmin.bench.report import report
 from flatmin.bench.speed import run_speed, write_speed
 from flatmin.bench.studies import STUDIES, study
+from flatmin.bench.topk import (
+    format_memmap,
+    format_memory,
+    header,
+    memmap_store,
+    memory_table,
+    store_speed,
+)
 from flatmin.bench.workload import CASES
 from flatmin.train.registry import METHODS
 
@@ -32,6 +40,9 @@ MODES = {
     "speed": "images/s of every registered method relative to SGD, interleaved in one process",
     "accuracy": "multi-seed accuracy and sharpness of every method, paired by seed",
     "figures": "the SAF paper's figures (loss, sharpness per epoch, noise, surfaces) from runs",
+    "topk-speed": "SAF's top-k store against full rows: look-up + term per step, interleaved",
+    "topk-memory": "SAF's store bytes: full, the paper's and top-k layouts; a memory-mapped "
+    "top-k store on disk",
 }
 
 
@@ -71,6 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _speed_options(parser.add_argument_group("speed options"))
     _accuracy_options(parser.add_argument_group("accuracy options"))
     _figures_options(parser.add_argument_group("figures options"))
+    _topk_options(parser.add_argument_group("topk-speed / topk-memory options"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         )
     runners: dict[str, Callable[[argparse.Namespace], int]] = {
         "demo": _demo, "speed": _speed, "accuracy": _accuracy, "figures": _figures,
+        "topk-speed": _topk_speed, "topk-memory": _topk_memory,
     }  # fmt: skip
     try:
         return runners[chosen[0]](args)
@@ -274,4 +287,75 @@ def _figures(args: argparse.Namespace) -> int:
     for path in draw_figures(Path(args.runs) / args.section, out, args.surface_steps, args.prefix):
         print(path)
     print(f"wall time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+# --- topk-speed, topk-memory ----------------------------------------------------------
+
+
+def _topk_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--classes", nargs="+", type=int, default=[10, 100, 1000],
+                       help="numbers of classes C (default: 10 100 1000)")  # fmt: skip
+    group.add_argument("--top-k", nargs="+", type=int, default=[1, 5, 10, 20], dest="top_k",
+                       help="the k of the top-k stores (default: 1 5 10 20; topk-memory: "
+                       "5 10 20)")  # fmt: skip
+    group.add_argument("--samples", type=int, default=10_240,
+                       help="topk-speed: samples per store, one epoch a block (default: 10240)")  # fmt: skip
+    group.add_argument(
+        "--memmap-samples",
+        type=int,
+        default=0,
+        help="topk-memory: also fill a memory-mapped top-k store of this many samples "
+        "(1000 classes, k = 10) in --out and measure its file (deleted after; default: 0, no)",
+    )
+
+
+def _positive(**values: int | None) -> None:
+    for flag, value in values.items():
+        if value is not None and value < 1:
+            raise BenchError(f"--{flag.replace('_', '-')} must be an integer >= 1, got {value}")
+
+
+def _topk_speed(args: argparse.Namespace) -> int:
+    _positive(threads=args.threads, repeats=args.repeats, samples=args.samples,
+              batch_size=args.batch_size, classes=min(args.classes), top_k=min(args.top_k))  # fmt: skip
+    torch.set_num_threads(args.threads)
+    lines = [header(_command(args))]
+    print(lines[0], flush=True)
+    started = time.perf_counter()
+    try:
+        data = store_speed(args.classes, args.top_k, batch=args.batch_size or 128,
+                           samples=args.samples, repeats=args.repeats,
+                           log=lambda text: (lines.append(text), _print(text)))  # fmt: skip
+    except ValueError as error:
+        raise BenchError(str(error)) from None
+    lines.append(f"wall time {time.perf_counter() - started:.0f} s")
+    print(lines[-1])
+    out = Path(args.out or "benchmarks/results")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"topk_speed_t{args.threads}"
+    stem.with_suffix(".txt").write_text("\n\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"command": _command(args), **data}, indent=1))
+    print(f"wrote {stem.with_suffix('.txt')}")
+    return 0
+
+
+def _topk_memory(args: argparse.Namespace) -> int:
+    ks = args.top_k if args.top_k != [1, 5, 10, 20] else [5, 10, 20]
+    _positive(top_k=min(ks))
+    if args.memmap_samples < 0:
+        raise BenchError(f"--memmap-samples must be >= 0, got {args.memmap_samples}")
+    out = Path(args.out or "benchmarks/results")
+    out.mkdir(parents=True, exist_ok=True)
+    table = memory_table(ks)
+    lines = [header(_command(args)), format_memory(table, ks, lag=3)]
+    data: dict = {"command": _command(args), "table": table}
+    if args.memmap_samples:
+        data["memmap"] = memmap_store(out / "topk_memmap_store.bin", samples=args.memmap_samples)
+        lines.append(format_memmap(data["memmap"]))
+    text = "\n\n".join(lines) + "\n"
+    print(text)
+    (out / "topk_memory.txt").write_text(text)
+    (out / "topk_memory.json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {out / 'topk_memory.txt'}")
     return 0
