@@ -325,12 +325,15 @@ def saf_model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
 
 
-def saf_train_run(rank: int, world_size: int, out_dir: str) -> None:
-    """SGD + SAF on DDP; each rank sees its DistributedSampler shard."""
+def saf_train_run(rank: int, world_size: int, out_dir: str, top_k: int | None = None) -> None:
+    """SGD + SAF (full rows, or ``top_k``) on DDP; each rank sees its DistributedSampler
+    shard."""
     model = saf_model()
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.5, momentum=0.9)
-    saf = DistributedSAF(SAF(SAF_TRAIN_SAMPLES, 3, lam=1.0, tau=2.0, lag_epochs=1, start_epoch=0))
+    saf = DistributedSAF(
+        SAF(SAF_TRAIN_SAMPLES, 3, lam=1.0, tau=2.0, lag_epochs=1, start_epoch=0, top_k=top_k)
+    )
     xs, ys = saf_data()
     terms = []
     for epoch in range(SAF_TRAIN_EPOCHS):
@@ -344,9 +347,14 @@ def saf_train_run(rank: int, world_size: int, out_dir: str) -> None:
             loss.backward()
             opt.step()
             terms.append(reduce_metrics({"term": term})["term"])
+    name = "saf_train" if top_k is None else f"saf_train_top{top_k}"
     torch.save(
-        {"state": {k: v.clone() for k, v in model.state_dict().items()}, "terms": terms},
-        Path(out_dir) / f"saf_train_{rank}.pt",
+        {
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "terms": terms,
+            "store": {k: v.clone() for k, v in saf.state_dict()["store"].items()},
+        },
+        Path(out_dir) / f"{name}_{rank}.pt",
     )
 
 
@@ -383,6 +391,7 @@ def saf_warning_run(rank: int, world_size: int, out_dir: str) -> None:
 def all_saf_runs(rank: int, world_size: int, out_dir: str) -> None:
     saf_lookup_run(rank, world_size, out_dir)
     saf_train_run(rank, world_size, out_dir)
+    saf_train_run(rank, world_size, out_dir, top_k=1)
     saf_warning_run(rank, world_size, out_dir)
 
 

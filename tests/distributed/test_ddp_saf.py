@@ -35,7 +35,7 @@ def runs(ddp_results):
     out = ddp_results
     return {
         name: [torch.load(out / f"{name}_{r}.pt") for r in range(WORLD)]
-        for name in ("saf_lookup", "saf_train", "saf_warnings")
+        for name in ("saf_lookup", "saf_train", "saf_train_top1", "saf_warnings")
     }
 
 
@@ -98,11 +98,11 @@ def test_processes_at_different_epochs_are_refused_on_every_process(runs):
         assert unchanged
 
 
-def single_process_run():
+def single_process_run(top_k=None):
     """The same global batches (rank 0's rows, then rank 1's) on one process."""
     model = saf_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    saf = SAF(SAF_TRAIN_SAMPLES, 3, lam=1.0, tau=2.0, lag_epochs=1, start_epoch=0)
+    saf = SAF(SAF_TRAIN_SAMPLES, 3, lam=1.0, tau=2.0, lag_epochs=1, start_epoch=0, top_k=top_k)
     xs, ys = saf_data()
     terms = []
     for epoch in range(SAF_TRAIN_EPOCHS):
@@ -122,11 +122,11 @@ def single_process_run():
             (ce + term).backward()
             opt.step()
             terms.append(float(term.detach()))
-    return model.state_dict(), terms
+    return model.state_dict(), terms, saf
 
 
 def test_two_process_saf_equals_one_process_on_the_same_global_batches(runs):
-    state, terms = single_process_run()
+    state, terms, _ = single_process_run()
     assert max(terms) > 0  # the term was active and mattered
     for run in runs["saf_train"]:
         for key in state:
@@ -138,6 +138,28 @@ def test_two_process_saf_equals_one_process_on_the_same_global_batches(runs):
         torch.equal(runs["saf_train"][0]["state"][k], runs["saf_train"][1]["state"][k])
         for k in state
     )
+
+
+def test_two_process_top_k_saf_equals_one_process_and_keeps_one_store(runs):
+    """The replicated store with compressed rows: each process encodes its rows, the
+    encoded rows are gathered, every copy of the store is the same byte for byte."""
+    state, terms, saf = single_process_run(top_k=1)
+    full_terms = single_process_run()[1]
+    assert max(terms) > 0 and terms != full_terms  # the bucket changed the term
+    rank0, rank1 = runs["saf_train_top1"]
+    for run in (rank0, rank1):
+        for key in state:
+            torch.testing.assert_close(run["state"][key], state[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(run["terms"]), torch.tensor(terms), rtol=1e-5, atol=1e-7
+        )
+    for key in ("rows", "written_epoch"):
+        assert torch.equal(rank0["store"][key], rank1["store"][key])
+    assert torch.equal(rank0["store"]["written_epoch"], saf.store.written_epoch)
+    values, classes, rest = saf.store.unpack((rank0["store"]["rows"],))
+    assert torch.equal(classes, saf.store.classes)  # the same top class of every row
+    torch.testing.assert_close(values, saf.store.values, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(rest, saf.store.rest_lse, rtol=1e-4, atol=1e-5)
 
 
 def test_single_process_wrapper_is_plain_saf():
