@@ -19,9 +19,11 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DistributedSampler
 
-from flatmin import ESAM, GSAM, SAF, SAM, LookSAM, StableSAM
+from flatmin import ESAM, GSAM, MESA, SAF, SAM, LookSAM, StableSAM
 from flatmin.distributed import m_sharpness_step, sam_step
-from flatmin.distributed.collectives import all_gather_rows
+from flatmin.distributed.collectives import all_gather_rows, max_replica_difference
+from flatmin.distributed.fsdp import reshard
+from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
 from flatmin.distributed.sharded_checkpoint import (
     load_sharded,
@@ -379,6 +381,62 @@ def sharded_store_run(rank: int, world_size: int, out_dir: str) -> None:
         )
 
 
+# -- MESA with a sharded teacher ---------------------------------------------------------
+
+MESA_STEPS = 3
+MESA_SETTINGS = dict(decay=0.7, lam=0.8, tau=2.0, start_epoch=0, fold_batchnorm=False,
+                     teacher_memory_format=None)  # fmt: skip
+
+
+def bn_mlp() -> nn.Module:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.Tanh(), nn.Linear(10, 3)).to(
+        torch.float64
+    )
+
+
+def mesa_run(rank: int, world_size: int, out_dir: str) -> None:
+    """SGD + MESA with student and teacher sharded alike: weights, teacher and teacher
+    logits after each step, what each process holds of the teacher; and with BatchNorm,
+    how far the processes' teacher buffers are apart."""
+    mesh = init_device_mesh("cpu", (world_size,))
+    xs, ys = family_data(steps=MESA_STEPS)
+    results = {}
+    for name, build in (("mlp", mlp), ("bn_mlp", bn_mlp)):
+        model = build()
+        mesa = MESA(model, **MESA_SETTINGS)
+        for module in (model, mesa.teacher):  # layers keep their gathered weights
+            shard_model(module, mesh, reshard_after_forward=False)
+        wrapped = DistributedMESA(mesa)
+        wrapped.set_epoch(1)  # the term is on from epoch start_epoch + 1
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        steps = []
+        for step in range(MESA_STEPS):
+            x, y = rows(xs[step], rank, world_size), rows(ys[step], rank, world_size)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y) + wrapped(x, logits)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sharded_after_forward = all(isinstance(p, DTensor) for p in mesa.teacher.parameters())
+            wrapped.update()
+            with torch.no_grad():
+                teacher_logits = mesa.teacher_logits(xs[0])
+            reshard(mesa.teacher)
+            steps.append({
+                "student": full(model),
+                "teacher": full(mesa.teacher),
+                "teacher_logits": teacher_logits,
+                "sharded_after_forward": sharded_after_forward,
+            })  # fmt: skip
+        results[name] = {
+            "steps": steps,
+            "teacher_bytes": (wrapped.memory_bytes, sum(t.numel() * 8 for t in full(model))),
+            "buffer_difference": max_replica_difference(list(mesa.teacher.buffers())),
+        }
+    torch.save(results, Path(out_dir) / f"fsdp_mesa_{rank}.pt")
+
+
 def every_first_run(rank: int, world_size: int, out_dir: str) -> None:
     """Every FSDP2 scenario of the session's first spawn (and of the 4-process one)."""
     family_run(rank, world_size, out_dir)
@@ -387,6 +445,7 @@ def every_first_run(rank: int, world_size: int, out_dir: str) -> None:
     refusal_run(rank, world_size, out_dir)
     gather_rows_run(rank, world_size, out_dir)
     sharded_store_run(rank, world_size, out_dir)
+    mesa_run(rank, world_size, out_dir)
     dcp_first_run(rank, world_size, out_dir)
 
 

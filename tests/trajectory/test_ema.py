@@ -98,3 +98,12 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match=r"missing \['warmup'\]"):
         ema.set_extra_state({"num_updates": 3, "decay": 0.9})
     assert ema.num_updates == 0 and ema.decay == 0.9998
+
+
+def test_a_model_of_other_shapes_is_refused_before_the_average_moves():
+    ema = EMA(nn.Linear(4, 3))
+    before = [t.clone() for t in ema.module.parameters()]
+    with pytest.raises(ValueError, match=r"shape \(3, 4\) where the model has \(3, 5\)"):
+        ema.update(nn.Linear(5, 3))
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.module.parameters()))
+    assert ema.num_updates == 0

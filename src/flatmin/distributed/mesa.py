@@ -16,6 +16,27 @@ teachers need two more things, which :class:`DistributedMESA` provides:
    (for a teacher MESA built; the owner of a teacher passed to MESA updates it after).
 
 Cost: one broadcast of the norm statistics per step (negligible next to DDP's own).
+
+**FSDP2.** A sharded student cannot be deep-copied, so build MESA on the plain model
+first and shard its teacher exactly as the student (every process seeded alike, as FSDP2
+needs for the student anyway: each keeps its own rows of the same initialisation)::
+
+    model = Net()                                   # the same seed on every process
+    mesa = MESA(model, fold_batchnorm=False, teacher_memory_format=None)
+    for module in (model, mesa.teacher):            # the same plan for both
+        for block in module.blocks:
+            fully_shard(block)
+        fully_shard(module)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    mesa = DistributedMESA(mesa)
+
+Each process then holds its shards of the teacher (``≈ 1/W`` of it): the EMA step runs on
+the local shards (:class:`~flatmin.trajectory.ema.EMA`), the teacher's forward gathers one
+layer at a time as any FSDP2 forward does, and the wrapper reshards the teacher after it —
+a forward without a backward would otherwise leave the root's gathered weights in place —
+and reshards the student before the EMA step, so that the step reads the shards. Its
+checkpoint is sharded too (``state_dict()`` holds ``DTensor`` shards: save it with
+:mod:`~flatmin.distributed.sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -33,6 +54,7 @@ from flatmin.distributed.collectives import (
     sync_norm_statistics,
     world_size,
 )
+from flatmin.distributed.fsdp import is_sharded, reshard
 from flatmin.optim._checks import check_choice
 from flatmin.trajectory.mesa import MESA
 
@@ -64,10 +86,14 @@ class DistributedMESA:
 
     @torch.no_grad()
     def _broadcast_teacher(self) -> None:
+        """Rank 0's teacher on every process; a sharded teacher's parameters are each
+        process's own rows and stay (its buffers, whole on every process, are sent)."""
         if world_size(self.process_group) == 1:
             return
         source = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
-        for tensor in [*self.mesa.teacher.parameters(), *self.mesa.teacher.buffers()]:
+        teacher = self.mesa.teacher
+        parameters = [] if is_sharded(teacher) else list(teacher.parameters())
+        for tensor in [*parameters, *teacher.buffers()]:
             dist.broadcast(tensor, src=source, group=self.process_group)
 
     @property
@@ -80,7 +106,7 @@ class DistributedMESA:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the teacher on *each* process."""
+        """Bytes of the teacher on *this* process (its shards for a sharded teacher)."""
         return self.mesa.memory_bytes
 
     def set_epoch(self, epoch: int) -> None:
@@ -88,7 +114,9 @@ class DistributedMESA:
 
     def __call__(self, inputs: Any, logits: Tensor) -> Tensor:
         """MESA's term for this process's batch (the mean KL over it; DDP averages)."""
-        return self.mesa(inputs, logits)
+        term = self.mesa(inputs, logits)
+        reshard(self.mesa.teacher)  # a sharded teacher's forward has no backward after it
+        return term
 
     def update(self) -> None:
         """Synchronize the student's norm statistics, then take MESA's EMA step.
@@ -96,12 +124,14 @@ class DistributedMESA:
         With a teacher you passed to MESA (``MESA(model, teacher=ema)``), this only
         synchronizes the statistics: call it before your own ``ema.update(model)``.
         """
+        reshard(self.mesa.model)  # the EMA step reads a sharded student's shards
         sync_norm_statistics(self.mesa.model, self.statistics, self.process_group)
         if self.mesa.updates_teacher:
             self.mesa.update()
 
     def state_dict(self) -> dict[str, Any]:
-        """MESA's state; identical on every process, so rank 0's is enough."""
+        """MESA's state; identical on every process, so rank 0's is enough — except for a
+        sharded teacher, whose ``DTensor`` shards every process saves (sharded checkpoint)."""
         return self.mesa.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatmin.optim._buckets import local_part
 from flatmin.optim._checks import check_int, check_real
 
 
@@ -22,6 +23,11 @@ class EMA(nn.Module):
     for all of them; integer buffers (``num_batches_tracked``) are copied. :attr:`module`
     starts as a deep copy of ``model`` (same device, dtype and layout, no shared storage,
     ``requires_grad=False``) and stays in eval mode: ``ema.train()`` leaves it there.
+
+    **Sharded models** (FSDP2's ``fully_shard``, whose models cannot be deep-copied): build
+    the EMA from the plain model, then shard :attr:`module` exactly as the model; the
+    update then runs on each process's local shards (``DTensor.to_local()``), so no
+    process holds a whole copy.
 
     Being a module, the average follows ``.to()``, dtype casts and the ``state_dict`` of a
     parent module it is assigned to; its state is the averaged tensors plus
@@ -72,9 +78,17 @@ class EMA(nn.Module):
             *zip(self.module.buffers(), model.buffers(), strict=True),
         ]
         for mine, theirs in pairs:
+            mine, theirs = local_part(mine), local_part(theirs.detach())
+            if mine.shape != theirs.shape:
+                raise ValueError(
+                    f"the EMA holds a tensor of shape {tuple(mine.shape)} where the model "
+                    f"has {tuple(theirs.shape)}: pass the model the EMA was built from; if "
+                    "both are sharded by FSDP2, a forward without a backward has left one "
+                    "of them gathered (call .reshard() on its FSDP modules first)"
+                )
             if mine.is_floating_point():
                 lerp_mine.append(mine)
-                lerp_theirs.append(theirs.detach())
+                lerp_theirs.append(theirs)
             else:
                 copy_mine.append(mine)
                 copy_theirs.append(theirs)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from flatmin.optim._buckets import local_part
 from flatmin.optim._checks import check_choice, check_int, check_real
 from flatmin.trajectory.ema import EMA
 from flatmin.trajectory.fold import FoldedForward, has_forward_hooks
@@ -176,12 +177,13 @@ class MESA(nn.Module):
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes MESA adds: the built teacher's parameters and buffers (none for a teacher
-        you pass) and the folded weights."""
+        """Bytes MESA adds on this process: the built teacher's parameters and buffers
+        (their local shards for a sharded teacher; none for a teacher you pass) and the
+        folded weights."""
         folded = self._fast.memory_bytes if self._fast is not None else 0
         if self.ema is None:
             return folded
-        tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
+        tensors = [local_part(t) for t in (*self.teacher.parameters(), *self.teacher.buffers())]
         return folded + sum(t.numel() * t.element_size() for t in tensors)
 
     def set_epoch(self, epoch: int) -> None:
