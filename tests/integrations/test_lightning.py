@@ -195,6 +195,14 @@ def test_sam_precision_equals_the_readme_loop_with_a_grad_scaler():
     assert plugin.scaler.get_scale() == 2.0**12
 
 
+def test_sam_precision_in_manual_optimization_equals_the_readme_loop_with_a_grad_scaler():
+    module = Manual()
+    plugin = _fp16_plugin(lightning.SAMPrecision)
+    trainer(plugins=[plugin]).fit(module, loader())
+    reference = readme_scaled_loop(torch.amp.GradScaler("cpu", init_scale=2.0**12))
+    assert_same_training(module.net, reference)
+
+
 def test_stock_mixed_precision_plugin_is_refused_clearly():
     from pytorch_lightning.plugins import MixedPrecision
 
