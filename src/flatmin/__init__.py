@@ -4,7 +4,11 @@ Two-pass optimizers of the SAM family (:mod:`flatmin.optim`), the "free" traject
 losses SAF and MESA (:mod:`flatmin.trajectory`), sharpness diagnostics
 (:mod:`flatmin.measure`) and multi-process training (:mod:`flatmin.distributed`).
 Public names and subpackages are imported on first use, so ``import flatmin`` stays
-cheap and a user who only needs one part pays only for that part::
+cheap and a user who only needs one part pays only for that part:
+
+.. test: setup=model
+
+::
 
     import flatmin
 

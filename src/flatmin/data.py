@@ -10,8 +10,15 @@ from torch.utils.data import Dataset, IterableDataset
 class WithIndex(Dataset):
     """Wrap a map-style dataset so each item also carries its index: ``(input, target, index)``.
 
-    SAF stores logits per sample, so its training loop needs each sample's dataset index::
+    SAF stores logits per sample, so its training loop needs each sample's dataset index:
 
+    .. test: setup=sgd
+
+    ::
+
+        from torch.utils.data import DataLoader
+
+        saf = SAF(num_samples=len(train_set), num_classes=10)
         loader = DataLoader(WithIndex(train_set), batch_size=128, shuffle=True)
         for x, y, idx in loader:
             loss = F.cross_entropy(logits := model(x), y) + saf(logits, idx)

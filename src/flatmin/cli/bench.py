@@ -1,8 +1,8 @@
 """``flatmin bench``: run a benchmark preset (``--preset demo``) or mode (``speed``, …).
 
 Each benchmark is a function here that checks its options, calls the benchmark's
-module in :mod:`flatmin.bench` and prints what it found; it is listed in
-:data:`PRESETS` or :data:`MODES` with a one-line description. The options every
+module in ``flatmin.bench`` and prints what it found; it is listed in
+``PRESETS`` or ``MODES`` with a one-line description. The options every
 benchmark shares (output directory, seeds, epochs, threads, progress bars) are defined
 once, each benchmark's own in a group of its own.
 """

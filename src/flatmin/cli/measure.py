@@ -1,12 +1,14 @@
 """``flatmin measure CHECKPOINT``: sharpness diagnostics of a trained model.
 
-Example::
+Example:
+
+.. code-block:: bash
 
     flatmin measure runs/sam/checkpoint.pt --sharpness --hessian --trace --landscape 2d \\
         --noise --out runs/sam/measure
 
 rebuilds the model and its dataset from the checkpoint (a ``flatmin train`` checkpoint or
-run directory, :func:`flatmin.train.checkpoint.load_run`: the same split, noise and
+run directory, ``flatmin.train.checkpoint.load_run``: the same split, noise and
 subset as training), measures on the first ``--max-batches`` batches of the chosen
 split, and writes ``summary.json`` (every number, with the samples, seeds and iterations
 it used) and the PNGs of the landscape and noise curve into ``--out``.

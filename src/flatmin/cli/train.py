@@ -1,6 +1,8 @@
 """``flatmin train``: train any registered method on a dataset, resumably.
 
-Example::
+Example:
+
+.. code-block:: bash
 
     flatmin train --method saf --dataset fashion-mnist --model cnn --epochs 20 --seed 0 \\
         --out runs/saf-fmnist
@@ -11,7 +13,9 @@ bit-exactly. Every method hyperparameter has a flag generated from the registry;
 left out takes the method's paper default.
 
 ``--nproc N`` trains on N local processes (:mod:`flatmin.train.ddp`). Under ``torchrun``
-(which sets ``WORLD_SIZE``) the command joins torchrun's group instead::
+(which sets ``WORLD_SIZE``) the command joins torchrun's group instead:
+
+.. code-block:: bash
 
     torchrun --nproc-per-node 2 -m flatmin.cli train --method saf --out runs/y
 

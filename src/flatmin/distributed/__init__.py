@@ -22,7 +22,18 @@ Past one machine's memory, with FSDP2 (``torch.distributed.fsdp.fully_shard``):
 These two modules import ``torch.distributed.tensor`` (about a second), so they are
 loaded on first use of their names here.
 
-A loop of your own, on each process (``torchrun --nproc-per-node N script.py``)::
+A loop of your own, on each process (``torchrun --nproc-per-node N script.py``), given a
+``model`` and a ``loader`` over a ``DistributedSampler``:
+
+.. test: setup=ddp processes=2
+
+::
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+    from flatmin import SAM
+    from flatmin.distributed import init_from_env, reduce_metrics, sam_step
 
     init_from_env()
     ddp = DistributedDataParallel(model)
@@ -33,7 +44,7 @@ A loop of your own, on each process (``torchrun --nproc-per-node N script.py``):
             loss.backward()
             return loss
         loss = sam_step(opt, ddp, closure)               # per-process ε, averaged g_s
-        log(reduce_metrics({"loss": loss}))              # the same numbers on every rank
+        metrics = reduce_metrics({"loss": loss})         # the same numbers on every rank
 """
 
 import importlib

@@ -31,6 +31,15 @@ def save_on_rank0(
     Pass the tensors that must be identical on every rank as ``replicated`` (e.g.
     ``list(model.parameters())``) to check them first: a ``RuntimeError`` is raised on
     every rank, and nothing is written, if any rank differs from rank 0.
+
+    Example, on every process of the group (read back with :func:`load_on_every_rank`):
+
+    .. test: setup=ddp_model processes=2
+
+    ::
+
+        state = {"model": ddp_model.module.state_dict(), "optimizer": opt.state_dict()}
+        save_on_rank0(state, "checkpoint.pt", replicated=list(ddp_model.parameters()))
     """
     path = Path(path)
     if replicated is not None:
@@ -52,7 +61,18 @@ def save_on_rank0(
 def load_on_every_rank(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_on_rank0` (call on every rank)."""
+    """Read a checkpoint written by :func:`save_on_rank0` (call on every rank).
+
+    Example, resuming on every process:
+
+    .. test: setup=ddp_model processes=2
+
+    ::
+
+        save_on_rank0({"model": ddp_model.module.state_dict()}, "resume.pt")
+        state = load_on_every_rank("resume.pt")
+        ddp_model.module.load_state_dict(state["model"])
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expected a checkpoint file at {path}")

@@ -1,13 +1,16 @@
 """The few collectives data-parallel training needs, each over a whole list at once.
 
-* :func:`average_gradients` — ``g ← (1/W)·Σ_r g_r`` for parameters of a module that is
-  not wrapped in ``DistributedDataParallel`` (one all-reduce per device and dtype);
-  :func:`average_tensors` — the same for any list of tensors.
-* :func:`sync_norm_statistics` — make BatchNorm running statistics equal on every rank,
-  by their mean over ranks or by rank 0's copy.
-* :func:`reduce_metrics` — average (or sum) a dict of logged numbers across ranks.
-* :func:`all_gather_rows` — every rank's rows of a tensor, concatenated in rank order.
-* :func:`max_replica_difference` — how far a replicated tensor list is from rank 0's.
+* :func:`~flatmin.distributed.average_gradients` — ``g ← (1/W)·Σ_r g_r`` for parameters
+  of a module that is not wrapped in ``DistributedDataParallel`` (one all-reduce per
+  device and dtype); ``average_tensors`` — the same for any list of tensors.
+* :func:`~flatmin.distributed.sync_norm_statistics` — make BatchNorm running statistics
+  equal on every rank, by their mean over ranks or by rank 0's copy.
+* :func:`~flatmin.distributed.reduce_metrics` — average (or sum) a dict of logged numbers
+  across ranks.
+* :func:`~flatmin.distributed.all_gather_rows` — every rank's rows of a tensor,
+  concatenated in rank order.
+* :func:`~flatmin.distributed.max_replica_difference` — how far a replicated tensor list
+  is from rank 0's.
 
 All of them are collectives: every rank of the group must call them in the same order.
 With no initialized process group they act on the single process (``W = 1``).

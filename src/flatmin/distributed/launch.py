@@ -5,16 +5,13 @@ that ``torchrun`` would give it (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``), joins the process group, runs ``fn(rank, world_size,
 *args)``, waits at a barrier for the others and leaves the group. A child whose parent
 dies (even by SIGKILL, which the parent cannot pass on) is killed too. Under
-``torchrun`` use :func:`init_from_env` instead::
+``torchrun`` use :func:`~flatmin.distributed.init_from_env` instead:
+
+.. code-block:: bash
 
     torchrun --nproc-per-node 2 my_script.py      # my_script calls init_from_env()
 
-Example::
-
-    def work(rank, world_size, out):               # at module level: it is pickled
-        torch.save(reduce_metrics({"rank": rank}), f"{out}/{rank}.pt")
-
-    spawn(work, 2, "results")                      # both files hold {"rank": 0.5}
+See :func:`~flatmin.distributed.spawn` for an example.
 """
 
 from __future__ import annotations
@@ -64,6 +61,22 @@ def spawn(
     (e.g. a ``ValueError`` with its message), chained to torch's
     ``ProcessRaisedException`` that holds the process's traceback; otherwise that
     ``ProcessRaisedException``. Results travel through files, e.g. ``torch.save`` in ``fn``.
+
+    Example, a script (the processes import ``fn`` from it, hence the ``__main__`` guard):
+
+    .. test: script
+
+    ::
+
+        import torch
+        from flatmin.distributed import reduce_metrics, spawn
+
+        def work(rank, world_size, out):               # at module level: it is pickled
+            torch.save(reduce_metrics({"rank": rank}), f"{out}/rank{rank}.pt")
+
+        if __name__ == "__main__":
+            spawn(work, 2, ".")
+            print(torch.load("rank1.pt"))              # {'rank': 0.5} from both files
     """
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"expected nprocs to be a positive int, got {nprocs!r}")
@@ -177,7 +190,8 @@ def _watch_parent(parent: int, interval: float = 1.0) -> None:
 def init_from_env(backend: str = "gloo") -> tuple[int, int]:
     """Join the group described by torchrun's environment; returns ``(rank, world_size)``.
 
-    A no-op returning ``(0, 1)`` when ``WORLD_SIZE`` is unset (a plain single process).
+    A no-op returning ``(0, 1)`` when ``WORLD_SIZE`` is unset (a plain single process),
+    and the current ``(rank, world_size)`` when the group is already initialized.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

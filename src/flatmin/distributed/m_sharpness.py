@@ -9,15 +9,19 @@ and only the surrogate gradients are averaged:
     ε_k = ρ\,\frac{∇L_{B_k}(w)}{\lVert ∇L_{B_k}(w)\rVert_2},\qquad
     g = \frac1n \sum_{k=1}^{n} ∇L_{B_k}(w + ε_k),\qquad w ← \mathrm{base\_step}(w, g).
 
-That is what ``n`` processes compute under :func:`flatmin.distributed.sam.sam_step`
+That is what ``n`` processes compute under :func:`flatmin.distributed.sam_step`
 with ``m`` samples each — here on one process, sub-batch after sub-batch (the paper's
 finding: smaller m generalizes better; ``m = B`` is plain SAM). The two agree to float
 rounding when sub-batch ``k`` holds process ``k``'s samples; BatchNorm statistics follow
 the same rule as the distributed default (``statistics="mean"``): every sub-batch's
 first pass starts from the same running statistics and their results are averaged, so
-they move once per step. Usage::
+they move once per step. Usage, a batch of 16 as two sub-batches of 8:
 
-    loss = m_sharpness_step(opt, model, F.cross_entropy, x, y, m=32)
+.. test: setup=sam
+
+::
+
+    loss = m_sharpness_step(opt, model, F.cross_entropy, x, y, m=8)
 
 The cost is ``2n`` forward/backward passes on ``m`` samples each (the same work as one
 SAM step, in smaller pieces) and one extra copy of the gradients.

@@ -10,7 +10,7 @@ teachers need two more things, which :class:`DistributedMESA` provides:
 2. **The same buffers.** BatchNorm running statistics are updated from each process's
    own batch in the forward pass and DDP only broadcasts rank 0's copy at the start of
    the *next* forward. An EMA step taken in between would average per-process
-   statistics into per-process teachers. :meth:`DistributedMESA.update` first makes the
+   statistics into per-process teachers. :meth:`~flatmin.distributed.DistributedMESA.update` first makes the
    student's statistics identical (``statistics="broadcast"``: rank 0's, which is what
    DDP would do a moment later anyway; ``"mean"``: their average), then takes the step
    (for a teacher MESA built; the owner of a teacher passed to MESA updates it after).
@@ -62,12 +62,24 @@ from flatmin.trajectory.mesa import MESA
 class DistributedMESA:
     """Wrap a :class:`flatmin.MESA` built on the *unwrapped* model (``ddp_model.module``).
 
-    Use it like MESA on every process; :meth:`update` is a collective::
+    Use it like MESA on every process: ``set_epoch(epoch)`` at the start of every epoch
+    (without it the term stays 0.0), :meth:`update` after every optimizer step (a
+    collective):
+
+    .. test: setup=ddp_model processes=2
+
+    ::
 
         mesa = DistributedMESA(MESA(ddp_model.module))
-        ...
-        loss = F.cross_entropy(logits, y) + mesa(x, logits)
-        loss.backward(); opt.step(); mesa.update()
+        opt = torch.optim.SGD(ddp_model.parameters(), lr=0.1)
+        for epoch in range(epochs):
+            loader.sampler.set_epoch(epoch)
+            mesa.set_epoch(epoch)
+            for x, y in loader:
+                logits = ddp_model(x)
+                loss = F.cross_entropy(logits, y) + mesa(x, logits)
+                opt.zero_grad(); loss.backward(); opt.step()
+                mesa.update()
     """
 
     def __init__(

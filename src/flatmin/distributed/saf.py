@@ -51,16 +51,26 @@ from flatmin.trajectory.saf import SAF
 class DistributedSAF:
     """Wrap a :class:`flatmin.SAF` so its store is shared by all processes of a group.
 
-    Use it exactly like SAF, on every process, with this process's batch::
+    Use it exactly like SAF, on every process, with this process's batch:
+
+    .. test: setup=ddp_model processes=2
+
+    ::
+
+        from torch.utils.data import DataLoader, DistributedSampler
+        from flatmin.data import WithIndex
 
         saf = DistributedSAF(SAF(num_samples=len(train_set), num_classes=10))
         sampler = DistributedSampler(WithIndex(train_set), shuffle=True)
+        loader = DataLoader(WithIndex(train_set), batch_size=8, sampler=sampler)
+        opt = torch.optim.SGD(ddp_model.parameters(), lr=0.1)
         for epoch in range(epochs):
             sampler.set_epoch(epoch)
             saf.set_epoch(epoch)
-            for x, y, idx in DataLoader(..., sampler=sampler):
+            for x, y, idx in loader:
                 logits = ddp_model(x)
                 loss = F.cross_entropy(logits, y) + saf(logits, idx)
+                opt.zero_grad(); loss.backward(); opt.step()
 
     Every call is a collective: all processes must call it the same number of times. The
     wrapper only gathers: the look-up, the record, the reuse of the targets on another

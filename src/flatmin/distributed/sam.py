@@ -14,7 +14,11 @@ generalizes better. A plain ``DistributedDataParallel`` loop gets this wrong: DD
 all-reduces in the first backward too, so every process perturbs with the global
 gradient — at the cost of an extra all-reduce. The first pass therefore runs inside
 ``ddp_model.no_sync()`` — forward *and* backward, since DDP decides at the forward
-whether the next backward synchronizes::
+whether the next backward synchronizes:
+
+.. test: setup=ddp_model processes=2
+
+::
 
     with first_pass(ddp_model):                      # no gradient all-reduce
         loss_fn(ddp_model(x), y).backward()
@@ -27,30 +31,30 @@ or, in one call, ``loss = sam_step(opt, ddp_model, closure)``. ``perturbation="g
 perturbs every process with the averaged gradient ``ε = ρ·ḡ/‖ḡ‖`` instead (the first
 backward then synchronizes as usual — DDP's bucketed all-reduce, overlapped with the
 backward); with a module that is not wrapped in DDP the helper averages the gradients
-itself (:func:`~flatmin.distributed.collectives.average_gradients`, no host sync).
+itself (:func:`~flatmin.distributed.average_gradients`, no host sync).
 
 **BatchNorm.** Statistics move once per step, from the first pass (the second runs under
-:func:`~flatmin.optim.bn.running_stats_frozen`). Each process updates them from its own
+:func:`~flatmin.optim.running_stats_frozen`). Each process updates them from its own
 shard, so without care they drift apart between DDP's broadcasts: with
 ``broadcast_buffers=True`` DDP copies rank 0's buffers at the start of the next
 *synchronizing* forward, which after a ``no_sync`` first pass is the next step's first
 pass, so a checkpoint or an evaluation in between would see per-rank statistics. On
-leaving :func:`first_pass` the running statistics are therefore made identical right
+leaving :func:`~flatmin.distributed.first_pass` the running statistics are therefore made identical right
 away (``statistics="mean"``, default: averaged over ranks, so every sample counts and
 the result equals one process running the m-sharpness step with the same sub-batches;
 ``"broadcast"``: rank 0's, DDP's own rule; ``"none"``: DDP's behaviour unchanged). With
 ``"mean"`` DDP's broadcast becomes a no-op; pass ``broadcast_buffers=False`` to save it.
 
 **Which optimizers.** Every member of the SAM family declares what its update needs
-(:class:`flatmin.optim.SAM`'s traits). When ``optimizer.uses_clean_gradient`` is False
+(:class:`flatmin.SAM`'s traits). When ``optimizer.uses_clean_gradient`` is False
 (SAM, ASAM, USAM, ESAM) the update is the surrogate gradient itself, so DDP's average
 of ``g_s`` in the second backward is all it takes. When it is True (StableSAM, GSAM,
 LookSAM, any member with ``stable=True``) the update transforms ``g_s`` with the
 first-pass gradient, under per-process ε each process's own ``g_r``; averaging ``g_s``
 alone would pair it with a local ``g_r`` and let the replicas drift apart. So
-:func:`sam_step` runs *both* passes without gradient synchronization, lets each process
+:func:`~flatmin.distributed.sam_step` runs *both* passes without gradient synchronization, lets each process
 compute its own direction and averages only that final direction — before clipping and
-the base step — through the engine's :attr:`~flatmin.optim.sam.SAM.replica_mean` hook:
+the base step — through the engine's :attr:`~flatmin.SAM.replica_mean` hook:
 
 .. math::
 
@@ -66,13 +70,13 @@ LookSAM's full steps update with ``g_s`` and keep the mean over processes of the
 ``g_v,r = g_s,r − (⟨g_r,g_s,r⟩/‖g_r‖²)·g_r``, so its persistent state stays identical
 on every process (rank 0's checkpoint resumes all); its reuse steps average
 ``g_r + α(‖g_r‖/‖g_v‖)·g_v`` (a full step costs a second all-reduce, for ``g_v``).
-The explicit :func:`first_pass` loop above is the averaged-gradient form only.
+The explicit :func:`~flatmin.distributed.first_pass` loop above is the averaged-gradient form only.
 ``perturbation="global"`` runs every optimizer with the averaged ``g`` instead.
 
 **ESAM** (``optimizer.per_sample_closure``): the closure takes optional row indices and
-returns per-sample losses without calling backward (:class:`flatmin.optim.ESAM`).
-:func:`sam_step` runs ESAM's own passes (:meth:`~flatmin.optim.sam.SAM.run_first_pass`,
-:meth:`~flatmin.optim.sam.SAM.run_second_pass`): the first backward without
+returns per-sample losses without calling backward (:class:`flatmin.ESAM`).
+:func:`~flatmin.distributed.sam_step` runs ESAM's own passes (:meth:`~flatmin.SAM.run_first_pass`,
+:meth:`~flatmin.SAM.run_second_pass`): the first backward without
 synchronization, so each process perturbs the same tensors (ESAM's draw depends on its
 seed and step count only) with its own gradient; each process selects its own
 ``⌈γ·B_r⌉`` samples; DDP averages the second gradient.
@@ -220,7 +224,7 @@ _TWO_PASS_ATTRIBUTES = ("is_perturbed", "uses_clean_gradient", "per_sample_closu
 def check_two_pass(optimizer: Optimizer) -> None:
     """Raise a TypeError unless ``optimizer`` has the SAM family's two-pass interface and
     declares its traits (``uses_clean_gradient``, ``per_sample_closure``), as every
-    :class:`flatmin.optim.SAM` subclass does."""
+    :class:`flatmin.SAM` subclass does."""
     missing = [name for name in _TWO_PASS_METHODS if not callable(getattr(optimizer, name, None))]
     missing += [name for name in _TWO_PASS_ATTRIBUTES if not hasattr(optimizer, name)]
     if missing:
@@ -244,7 +248,7 @@ def sam_step(
     ``closure`` is the optimizer's own (see its ``per_sample_closure``): for most members
     it runs forward and backward on this process's shard and returns the loss; for ESAM
     it returns per-sample losses without backward. It runs at ``w`` inside
-    :func:`first_pass` and at ``w + ε`` with the running statistics frozen (only at
+    :func:`~flatmin.distributed.first_pass` and at ``w + ε`` with the running statistics frozen (only at
     ``w`` on a step that ``first_step`` completes by itself, as LookSAM's reuse steps).
     Returns this process's first-pass loss. If the second pass raises, the weights are
     restored before the exception propagates.
@@ -254,7 +258,11 @@ def sam_step(
     instead of ``g_s``. A model sharded by FSDP2 needs ``perturbation="global"`` (see the
     module docstring); ESAM then selects samples over the global batch.
 
-    Example::
+    Example, on every process:
+
+    .. test: setup=ddp_model processes=2
+
+    ::
 
         loss = sam_step(opt, ddp_model, lambda: (l := loss_fn(ddp_model(x), y)).backward() or l)
     """

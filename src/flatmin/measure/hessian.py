@@ -286,6 +286,14 @@ def hessian_eigenvalues(
         tol: relative residual tolerance, ``‖H·y − θ·y‖₂ ≤ tol·max|θ|``.
         seed: seeds the starting vectors (a private generator; the global RNG is untouched).
         max_batches, train_mode_bn, progress: as in :func:`~flatmin.measure.sam_sharpness`.
+
+    Example, the three largest eigenvalues, largest first, with their residuals:
+
+    .. test: setup=model
+
+    >>> eig = hessian_eigenvalues(model, loss_fn, loader, k=3)
+    >>> len(eig.values), eig.values[0] >= eig.values[1] >= eig.values[2], eig.converged
+    (3, True, True)
     """
     check_int("k", k, minimum=1)
     check_int("max_iter", max_iter, minimum=1)
@@ -383,6 +391,14 @@ def hessian_trace(
             probes for its standard error).
         seed: seeds the Rademacher probes (a private generator).
         max_batches, train_mode_bn, progress: as in :func:`~flatmin.measure.sam_sharpness`.
+
+    Example:
+
+    .. test: setup=model
+
+    >>> trace = hessian_trace(model, loss_fn, loader, num_queries=30, seed=0)
+    >>> trace.method, trace.num_queries, trace.stderr > 0
+    ('hutch++', 30, True)
     """
     check_choice("method", method, ("hutch++", "hutchinson"))
     check_int("num_queries", num_queries, minimum=6 if method == "hutch++" else 2)

@@ -193,6 +193,15 @@ def loss_landscape(
         other: a state dict; gives the interpolation ``L((1−t)·w + t·w_other)`` for
             ``t`` over ``t_range`` instead of random directions (``dims`` must be 1).
         max_batches, train_mode_bn, progress: as in :func:`~flatmin.measure.sam_sharpness`.
+
+    Example, a coarse 2-D grid (``result.losses[i, j]`` is the loss at
+    ``coords[0][i], coords[1][j]``; ``flatmin.measure.plots`` draws it):
+
+    .. test: setup=model
+
+    >>> surface = loss_landscape(model, loss_fn, loader, dims=2, steps=5, span=0.5)
+    >>> surface.losses.shape, bool(surface.losses[2, 2] == surface.center_loss)
+    ((5, 5), True)
     """
     check_choice("dims", dims, (1, 2))
     check_real("span", span, minimum=0.0, exclusive_minimum=True)

@@ -3,7 +3,7 @@
 The SAF paper (Du et al., NeurIPS 2022, arXiv 2205.14083; poster Figure 4) compares
 minima by the loss under Gaussian perturbations of 0.07 of the weights' norm. Here the
 perturbation at scale ``σ`` is ``σ·d`` with ``d`` a filter-normalized Gaussian direction
-(:func:`~flatmin.measure.landscape.random_direction`): every filter's noise has norm
+(:func:`~flatmin.measure.loss_landscape`'s ``random_direction``): every filter's noise has norm
 ``σ·‖w_filter‖``, so ``‖σ·d‖ = σ·‖w‖`` over the perturbed tensors. The curve reports, per
 scale, the mean and the standard deviation over ``repeats`` independent draws of
 ``L(w + σ·d)``; a flatter minimum has a lower, slower-rising curve.
@@ -62,8 +62,16 @@ def gaussian_noise_curve(
         repeats: independent Gaussian draws per scale (at least 1).
         seed: seeds the draws (a private generator; the global RNG is untouched).
         normalization, include_biases_and_norms: as in
-            :func:`~flatmin.measure.landscape.random_direction`.
+            :func:`~flatmin.measure.loss_landscape`'s ``random_direction``.
         max_batches, train_mode_bn, progress: as in :func:`~flatmin.measure.sam_sharpness`.
+
+    Example, the mean and spread of the loss over three draws per scale:
+
+    .. test: setup=model
+
+    >>> curve = gaussian_noise_curve(model, loss_fn, loader, scales=[0.0, 0.1, 0.5], repeats=3)
+    >>> curve.losses.shape, curve.mean.shape
+    ((3, 3), (3,))
     """
     scales = [check_real(f"scales[{i}]", s, minimum=0.0) for i, s in enumerate(scales)]
     if not scales:

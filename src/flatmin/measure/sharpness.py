@@ -161,6 +161,16 @@ def sam_sharpness(
         max_batches: use only the first batches of ``data``.
         train_mode_bn: BatchNorm with batch statistics (restored afterwards).
         progress: optional wrapper around the loop over ε-groups, e.g. ``tqdm.tqdm``.
+
+    Example, with a ``model``, its ``loss_fn`` and a DataLoader ``loader``:
+
+    .. test: setup=model
+
+    >>> result = sam_sharpness(model, loss_fn, loader, rho=0.05)
+    >>> result.value == result.perturbed_loss - result.loss, result.num_groups
+    (True, 1)
+    >>> sam_sharpness(model, loss_fn, loader, rho=0.05, m=8).num_groups  # m-sharpness
+    6
     """
     check_rho(rho)
     check_int("steps", steps, minimum=1)

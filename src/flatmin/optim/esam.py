@@ -6,7 +6,7 @@ Two savings on top of SAM, each optional:
 * **Stochastic weight perturbation (SWP).** Each step, every parameter tensor is
   perturbed with probability β (independent Bernoulli draws); the selected tensors
   ``S`` get ``ε_S = ρ·g_S / (β‖g_S‖)``, the others stay at ``w``. A tensor that is not
-  perturbed needs no first-pass gradient, so :meth:`ESAM.step` freezes it
+  perturbed needs no first-pass gradient, so :meth:`~flatmin.SAM.step` freezes it
   (``requires_grad=False``) during the first backward, which skips its weight-gradient
   computation. All tensors get their second-pass gradient and are updated.
 * **Sharpness-sensitive data selection (SDS).** After the ascent, one forward pass
@@ -30,11 +30,15 @@ unperturbed tensors), a no-grad forward of the whole batch at ``w + ε`` and a
 forward/backward on ``⌈γB⌉`` samples, so it is cheaper than SAM when that no-grad
 forward is cheap next to a training step (``benchmarks/RESULTS.md`` has the figures).
 
-The closure of :meth:`ESAM.step` (trait ``per_sample_closure``) takes an optional index
+The closure of :meth:`~flatmin.SAM.step` (trait ``per_sample_closure``) takes an optional index
 tensor and returns per-sample losses (``reduction="none"``) **without** calling
 ``backward``; ESAM takes the means and runs the backward passes itself
-(:meth:`ESAM.run_first_pass`, :meth:`ESAM.run_second_pass`, which
-:func:`flatmin.distributed.sam.sam_step` calls too)::
+(:meth:`~flatmin.ESAM.run_first_pass`, :meth:`~flatmin.ESAM.run_second_pass`, which
+:func:`flatmin.distributed.sam_step` calls too):
+
+.. test: setup=model
+
+::
 
     opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.05, beta=0.6, gamma=0.5,
                lr=0.1, momentum=0.9)
@@ -51,7 +55,13 @@ second pass (a warning says so once when ``gamma < 1``).
 
 The same step written out, for loops that cannot use a closure (``first_step`` drops
 the first-pass gradients of the tensors it does not perturb; the context manager only
-avoids computing them)::
+avoids computing them), for an ``opt`` built as above:
+
+.. test: setup=model
+
+::
+
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
 
     with opt.unperturbed_frozen():            # optional: skips unneeded gradients
         before = F.cross_entropy(model(x), y, reduction="none")
@@ -97,7 +107,7 @@ class ESAM(SAM):
         gamma: fraction γ ∈ (0, 1] of the batch in the second pass (1: all samples).
         seed: seed of the per-step subset draws (default: drawn from torch's global
             generator, so ``torch.manual_seed`` makes it reproducible).
-        freeze_unperturbed: let :meth:`step` skip the first-pass gradients of the
+        freeze_unperturbed: let :meth:`~flatmin.SAM.step` skip the first-pass gradients of the
             tensors it leaves unperturbed.
         **kwargs: SAM options and the base optimizer's keyword arguments.
 
@@ -243,7 +253,7 @@ class ESAM(SAM):
         gradient is taken here; returns that mean (detached). With
         ``freeze_unperturbed`` and ``skip_unused_gradients`` the tensors this step leaves
         unperturbed are frozen meanwhile (a synchronizing DDP backward needs every
-        gradient, so :func:`~flatmin.distributed.sam.sam_step` turns it off there). A
+        gradient, so :func:`~flatmin.distributed.sam_step` turns it off there). A
         SAM-style closure (backward inside, scalar loss) is run as it is. With a
         ``grad_scaler`` the mean loss is scaled before the backward."""
         freeze = self.freeze_unperturbed and skip_unused_gradients

@@ -73,13 +73,23 @@ class GSAM(SAM):
 
     Schedule settings live in each param group (``rho_max``, ``rho_min``, ``lr_max``,
     ``lr_min``; ``rho`` holds the radius of the latest step), so they are checkpointed
-    with the base optimizer and may differ per group. Usage is SAM's::
+    with the base optimizer and may differ per group. Usage is SAM's; any LR scheduler
+    drives ρ too:
 
-        opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.05, alpha=0.4, lr=0.1)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    .. test: setup=model
+
+    ::
+
+        opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.05, alpha=0.4, lr=0.1,
+                   model=model)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=len(loader))
         for x, y in loader:
+            def closure():
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                return loss
             opt.zero_grad()
-            opt.step(lambda: (l := loss_fn(model(x), y)).backward() or l, model=model)
+            opt.step(closure)
             sched.step()
     """
 

@@ -16,11 +16,16 @@ So only one step in k pays for a second forward/backward; the ideal throughput i
 ``1/(1 + 1/k)`` of the base optimizer's (83 % for k = 5).
 
 Driving it: ``step(closure)`` calls the closure twice on full steps and **once** on
-reuse steps. In an explicit loop, :attr:`is_reuse_step` says before the step whether it
+reuse steps. In an explicit loop, :attr:`~flatmin.LookSAM.is_reuse_step` says before the step whether it
 is a reuse step, and ``first_step`` on a reuse step performs the whole update (it
 applies the base optimizer and leaves the weights unperturbed), so
-:attr:`is_perturbed` afterwards says whether a second pass is needed::
+:attr:`~flatmin.SAM.is_perturbed` afterwards says whether a second pass is needed:
 
+.. test: setup=model
+
+::
+
+    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=5, lr=0.1)
     loss_fn(model(x), y).backward()
     opt.first_step(zero_grad=True)          # a reuse step ends here
     if opt.is_perturbed:                    # a full step: the second pass at w + ε
@@ -43,9 +48,9 @@ clean gradient's norm, ``d ← (‖T g‖/‖T d‖)·d``, so each update has th
 ``g`` as StableSAM asks of every update. ``g_v`` is kept from the unrescaled ``g_s`` (the
 reuse direction does not depend on ``g_v``'s scale).
 
-With per-process ε under data parallelism (:func:`flatmin.distributed.sam.sam_step`)
+With per-process ε under data parallelism (:func:`flatmin.distributed.sam_step`)
 each process computes its own ``g_v,r`` from its own ``g_r`` and ``g_s,r``; the kept
-``g_v`` is their mean (:attr:`~flatmin.optim.sam.SAM.replica_mean`), so every process
+``g_v`` is their mean (:attr:`~flatmin.SAM.replica_mean`), so every process
 holds the same state and rank 0's checkpoint resumes all of them. A reuse step's
 direction ``g_r + α(‖g_r‖/‖g_v‖)g_v`` is then averaged like any final direction.
 
@@ -92,7 +97,11 @@ class LookSAM(SAM):
         alpha: weight α ≥ 0 of the reused direction on the other steps.
         **kwargs: SAM options and the base optimizer's keyword arguments.
 
-    Example::
+    Example, with a SAM closure (forward + backward, returns the loss):
+
+    .. test: setup=sam
+
+    ::
 
         opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=5, alpha=0.7, lr=0.1)
         loss = opt.step(closure, model=model)  # the closure runs twice every k-th step

@@ -14,7 +14,11 @@ class ASAM(SAM):
     """Adaptive SAM (Kwon et al., ICML 2021), official form: ``T_w = |w| + η`` on weights.
 
     Defaults ρ = 0.5 and η = 0.01 follow the paper's CIFAR-10 setting (use ρ = 1.0 on
-    CIFAR-100). ``adaptive="all"`` gives the popular port's form (η = 0, ρ ≈ 2)::
+    CIFAR-100). ``adaptive="all"`` gives the popular port's form (η = 0, ρ ≈ 2):
+
+    .. test: setup=model
+
+    ::
 
         opt = ASAM(model.named_parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
     """
@@ -40,7 +44,11 @@ class StableSAM(SAM):
     """StableSAM (Tan et al., 2024): SAM with its update renormalised to ‖g‖.
 
     Default ρ = 0.05 as for SAM; ``normalize=False`` gives the USAM-based form that the
-    authors' code marks as the paper's, ``stable_cap=True`` the optional cap at 1::
+    authors' code marks as the paper's, ``stable_cap=True`` the optional cap at 1:
+
+    .. test: setup=model
+
+    ::
 
         opt = StableSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     """

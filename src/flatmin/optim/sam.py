@@ -21,7 +21,7 @@ Adaptive forms (name the one you use when you report results):
   ``T_w = |w| + η`` on weight tensors, ``T = 1`` on every other parameter, η = 0.01
   by default; recommended ρ = 0.5 (CIFAR-10), 1.0 (CIFAR-100). Pass
   ``model.named_parameters()`` to apply the official name rule (``'weight' in name``,
-  see :func:`flatmin.optim._buckets.is_adaptive_weight`).
+  see ``flatmin.optim._buckets.is_adaptive_weight``).
 * ``adaptive="all"`` — the popular PyTorch port: ``T_w = |w| + η`` on every parameter,
   η = 0 by default; its recommended ρ is about 2.0.
 
@@ -39,7 +39,11 @@ code takes ``‖T g_s‖`` with the ``T`` of ``w + ε``, mixing two metrics: wit
 gradient (``g_s = g``) it still rescales the update by ``‖T(w) g‖/‖T(w+ε) g‖``, where
 here ``γ = 1``. They use it on top of USAM (``normalize=False``), SAM and ASAM.
 
-Two ways to drive a step::
+Two ways to drive a step:
+
+.. test: setup=sam
+
+::
 
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=model)
     loss = opt.step(closure)                   # closure: forward + backward, returns loss
@@ -55,22 +59,25 @@ statistics to the first pass; a framework that calls ``optimizer.step(closure)``
 (Lightning, accelerate) then gets this without passing anything.
 
 Mixed precision: under ``torch.autocast`` nothing changes. With a
-``torch.amp.GradScaler``, scale both losses and pass the scaler to ``first_step`` and
-``second_step`` (or to ``step``, whose closure scales its loss): it unscales once, and a
-non-finite gradient in either pass skips the step with weights and optimizer state
-untouched. Gradient accumulation: ``backward`` on every micro-batch before each of the
+``torch.amp.GradScaler``, scale both losses and pass the scaler to **both**
+``first_step`` and ``second_step`` (or to ``step``, whose closure scales its loss):
+``first_step`` divides the scale out of ε (USAM's ``ε = ρ·g`` taken from a scaled
+gradient would be as many times too large as the scale), ``second_step`` unscales once,
+and a non-finite gradient in either pass skips the step with weights and optimizer
+state untouched. On a CPU the device type is ``"cpu"`` (for the scaler and for
+``torch.autocast``, with ``dtype=torch.bfloat16``); ``"cuda"`` there disables both. Gradient accumulation: ``backward`` on every micro-batch before each of the
 two steps, or every micro-batch inside the one closure of ``step``; ε comes from the
 accumulated gradient. ``step(closure)`` refuses gradients accumulated *outside* its
-closure (:mod:`flatmin.optim._accumulation`). ``max_grad_norm`` clips the final
+closure (``flatmin.optim._accumulation``). ``max_grad_norm`` clips the final
 direction, after unscaling, before the base step.
 
 The base optimizer is stepped directly (``base_optimizer.step()``): LR schedulers and
 step hooks attached to the SAM optimizer see one ``step`` per ``step(closure)``, and
 the explicit passes count as a step for the scheduler's order check. The step methods
 run eagerly and on the real optimizer when reached through a framework's proxy
-(:mod:`flatmin.optim._entry`).
+(``flatmin.optim._entry``).
 
-``state_dict()`` has torch's layout (:mod:`flatmin.optim._state_dict`); resuming from it
+``state_dict()`` has torch's layout (``flatmin.optim._state_dict``); resuming from it
 is bit-exact.
 """
 
@@ -130,7 +137,11 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
             optimizer keeps a reference to it.
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, …).
 
-    Example::
+    Example:
+
+    .. test: setup=model
+
+    ::
 
         opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
                   model=model)
@@ -140,7 +151,7 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
         uses_clean_gradient: True when the update uses the first-pass gradient ``g``
             besides ``g_s`` — here when ``stable`` (StableSAM's ``‖T g‖``); always for
             GSAM and LookSAM. Under per-process ε,
-            :func:`flatmin.distributed.sam.sam_step` then averages each process's final
+            :func:`flatmin.distributed.sam_step` then averages each process's final
             direction instead of the surrogate gradient.
         per_sample_closure: False: ``step``'s closure runs forward and backward and
             returns the loss. True for ESAM, whose closure returns per-sample losses.
@@ -151,7 +162,7 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
             step will apply is passed to it at the start of the update — after the
             method's own transformation (StableSAM's ``γ``, GSAM's projection), before
             clipping and the base step — so per-process directions become one shared
-            direction. :func:`flatmin.distributed.sam.sam_step` sets it for the duration
+            direction. :func:`flatmin.distributed.sam_step` sets it for the duration
             of a step with per-process ε; leave it ``None`` otherwise.
     """
 
@@ -266,7 +277,34 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
     @step_entry
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
-        """Move to ``w + ε`` computed from the gradient now in ``.grad``; keep ``w``."""
+        """Move to ``w + ε`` computed from the gradient now in ``.grad``; keep ``w``.
+
+        Args:
+            zero_grad: set the gradients to None afterwards, ready for the second pass.
+            grad_scaler: the ``torch.amp.GradScaler`` that scaled this pass's loss, if
+                any. ``ε`` is taken from the unscaled gradient: with ``normalize=True``
+                the scale cancels in ``g/‖g‖``, and for USAM (``ε = ρ·T²g``) the scale is
+                divided out, so ``‖ε‖`` is the same as without a scaler. Pass the same
+                scaler to :meth:`second_step`, which unscales ``g_s`` and skips the step
+                if either pass was not finite; handed to ``second_step`` only, USAM's ε
+                is as many times too large as the scale (65,536 at the start).
+
+        Example (mixed precision on a CPU; ``"cuda"`` on a GPU, with ``torch.float16``):
+
+        .. test: setup=model
+
+        ::
+
+            opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, normalize=False)
+            scaler = torch.amp.GradScaler("cpu")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                scaler.scale(loss_fn(model(x), y)).backward()
+            opt.first_step(zero_grad=True, grad_scaler=scaler)
+            with torch.autocast("cpu", dtype=torch.bfloat16), running_stats_frozen(model):
+                scaler.scale(loss_fn(model(x), y)).backward()
+            opt.second_step(zero_grad=True, grad_scaler=scaler)
+            scaler.update()
+        """
         if self.is_perturbed:
             raise RuntimeError(
                 "first_step() was called twice; call second_step() or restore_weights() "
@@ -301,7 +339,15 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
 
     @step_entry
     def second_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
-        """Restore ``w`` exactly and apply the base optimizer with the update direction."""
+        """Restore ``w`` exactly and apply the base optimizer with the update direction.
+
+        Args:
+            zero_grad: set the gradients to None afterwards.
+            grad_scaler: the ``torch.amp.GradScaler`` of both passes (the one given to
+                :meth:`first_step`): the gradients are unscaled once, and the step is
+                skipped, weights and optimizer state untouched, when either pass gave a
+                non-finite gradient. Call ``scaler.update()`` afterwards.
+        """
         if not self.is_perturbed:
             raise RuntimeError("second_step() needs a first_step() before it")
         with torch.no_grad():

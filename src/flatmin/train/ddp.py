@@ -1,7 +1,9 @@
-"""The reference trainer on N processes: :class:`DistributedTrainer` and :func:`run_distributed`.
+"""The reference trainer on N processes: ``DistributedTrainer`` and ``run_distributed``.
 
 ``flatmin train --nproc N`` starts N local processes (gloo, CPU); under ``torchrun`` the
-same command joins the group torchrun describes::
+same command joins the group torchrun describes:
+
+.. code-block:: bash
 
     flatmin train --nproc 2 --method sam --dataset digits --out runs/x
     torchrun --nproc-per-node 2 -m flatmin.cli train --method saf --out runs/y
@@ -62,7 +64,7 @@ from flatmin.train.method import (
 
 
 class DistributedTwoPassUpdate(TwoPassUpdate):
-    """The SAM family's step on a DDP model (see :func:`flatmin.distributed.sam.sam_step`);
+    """The SAM family's step on a DDP model (see :func:`flatmin.distributed.sam_step`);
     the closure takes the form the optimizer declares (``per_sample_closure``: ESAM's
     per-sample objectives without backward)."""
 
@@ -93,7 +95,7 @@ def distribute_method(method: Method) -> Method:
     """Make ``method`` (in place) correct on several processes; returns it.
 
     The SAM-family members get :class:`DistributedTwoPassUpdate` with per-process ε
-    (their traits tell :func:`~flatmin.distributed.sam.sam_step` how to average). SAF and
+    (their traits tell :func:`~flatmin.distributed.sam_step` how to average). SAF and
     MESA terms get their distributed wrappers. An unknown update rule or loss term is
     refused rather than run with a silently wrong meaning.
     """

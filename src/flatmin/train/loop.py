@@ -132,9 +132,10 @@ class Trainer:
 
     After :meth:`run`, ``trainer.model`` and ``trainer.method`` are the trained objects.
 
-    Example::
+    Example (a short run; the defaults train 20 epochs)::
 
-        records = Trainer(TrainConfig(method="saf", dataset="digits"), "runs/x").run()
+        config = TrainConfig(method="saf", dataset="digits", epochs=2, subset=256)
+        records = Trainer(config, "runs/x", progress=False).run()   # one record per epoch
     """
 
     world_size = 1  # processes that train together; recorded in the checkpoint

@@ -4,7 +4,10 @@ A :class:`MethodSpec` describes a training method for the reference trainer; the
 registrations live in :mod:`flatmin.train.registry`, one :func:`register` call per
 method. Every :class:`Hyperparameter` becomes a command-line flag (``rho`` → ``--rho``);
 a flag shared by several methods (``--lam`` for SAF and MESA) carries each method's own
-default::
+default. A sketch (the real registrations, in :mod:`flatmin.train.registry`, spell out
+the optimizer's arguments):
+
+.. code-block:: text
 
     register(MethodSpec(
         "sam-adamw",

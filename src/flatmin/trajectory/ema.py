@@ -20,7 +20,7 @@ class EMA(nn.Module):
 
     over every parameter *and* floating-point buffer (BatchNorm's running mean and
     variance included, as the MESA paper's EMA averages them), one ``torch._foreach_lerp_``
-    for all of them; integer buffers (``num_batches_tracked``) are copied. :attr:`module`
+    for all of them; integer buffers (``num_batches_tracked``) are copied. ``module``
     starts as a deep copy of ``model`` (same device, dtype and layout, no shared storage,
     ``requires_grad=False``) and stays in eval mode: ``ema.train()`` leaves it there.
 
@@ -31,14 +31,18 @@ class EMA(nn.Module):
 
     Being a module, the average follows ``.to()``, dtype casts and the ``state_dict`` of a
     parent module it is assigned to; its state is the averaged tensors plus
-    ``num_updates``, ``decay`` and ``warmup`` (``get_extra_state``). Usage::
+    ``num_updates``, ``decay`` and ``warmup`` (``get_extra_state``). Usage:
+
+    .. test: setup=sgd
+
+    ::
 
         ema = EMA(model, decay=0.999)
         for x, y in loader:
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(); loss.backward(); opt.step()
             ema.update(model)
-        accuracy = evaluate(ema.module)          # or ema(x): the averaged model's forward
+        logits = ema(x)                          # the averaged model (ema.module), eval mode
 
     **Decay warm-up.** With ``warmup=True`` the ``t``-th update (``t = 1, 2, …``) uses
     ``β_t = min(decay, (1 + t)/(10 + t))`` (the ``num_updates`` form of TensorFlow's

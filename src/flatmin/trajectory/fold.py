@@ -44,9 +44,16 @@ class FoldedForward:
     Check :meth:`matches` before a call: after ``.to()`` replaced a tensor that the graph
     reads directly, build it again.
 
-    Example::
+    Example, for an eval-mode network ``teacher`` (here a copy of a BatchNorm CNN):
 
-        fast = FoldedForward.build(teacher.eval())
+    .. test: setup=model
+
+    ::
+
+        import copy
+
+        teacher = copy.deepcopy(model).eval()
+        fast = FoldedForward.build(teacher)
         with torch.no_grad():
             logits = fast(x) if fast is not None else teacher(x)
     """

@@ -31,13 +31,19 @@ class MESA(nn.Module):
 
     Du et al., "Sharpness-Aware Training for Free", NeurIPS 2022, Sec. "MESA". SAF's store
     of past outputs is replaced by a teacher whose weights are an exponential moving
-    average of the student's, updated after every optimizer step (:class:`EMA`):
+    average of the student's, updated after every optimizer step (:class:`~flatmin.trajectory.EMA`):
 
     .. math::
         v_t = β_t·v_{t-1} + (1-β_t)·θ_t,\qquad v_0 = θ_0,
 
     and the loss is ``CE(z, y) + λ·τ²·mean_i KL(softmax(f_v(x_i)/τ) ‖ softmax(z_i/τ))``
-    (:func:`tempered_kl`) with the teacher in eval mode, run without autograd. Usage::
+    (:func:`~flatmin.trajectory.tempered_kl`) with the teacher in eval mode, run without
+    autograd. Usage (``set_epoch`` at the start of every epoch: without it the term stays
+    0.0):
+
+    .. test: setup=sgd check="mesa.active"
+
+    ::
 
         mesa = MESA(model)
         for epoch in range(epochs):
@@ -56,8 +62,8 @@ class MESA(nn.Module):
     term is active when ``epoch > start_epoch`` (official code); before that ``mesa(x, z)``
     returns an exact zero attached to ``z``'s graph without running the teacher.
 
-    **The teacher: built, or yours.** By default MESA builds an :class:`EMA` of ``model``
-    (:attr:`ema`; the teacher network is ``mesa.teacher``) and :meth:`update` moves it. If
+    **The teacher: built, or yours.** By default MESA builds an :class:`~flatmin.trajectory.EMA` of ``model``
+    (``mesa.ema``; the teacher network is ``mesa.teacher``) and :meth:`update` moves it. If
     you already keep an EMA (``flatmin.trajectory.EMA``, timm's ``ModelEmaV3``, torch's
     ``AveragedModel``: anything holding the averaged network as ``.module``, or that
     network itself), pass it as ``teacher=`` and MESA reads it instead of holding a second
@@ -74,7 +80,7 @@ class MESA(nn.Module):
 
     **The teacher's fast forward.** A built CPU teacher with 4-D weights is laid out
     channels-last (``teacher_memory_format="auto"``), and eval-mode BatchNorms that follow
-    a convolution or linear layer are folded into it (:mod:`flatmin.trajectory.fold`); the
+    a convolution or linear layer are folded into it (``flatmin.trajectory.fold``); the
     EMA weights stay the state, and the logits equal the plain eval forward up to float
     rounding. The paper reports ~15 % lower throughput for this extra forward; the figures
     on a CPU are in ``benchmarks/RESULTS.md``.
@@ -157,12 +163,12 @@ class MESA(nn.Module):
 
     @property
     def model(self) -> nn.Module:
-        """The student (not a submodule: ``mesa.to()`` does not move it)."""
+        """The student; not a submodule, so ``mesa.to()`` does not move it."""
         return self._student
 
     @property
     def teacher(self) -> nn.Module:
-        """The teacher network: the built EMA's ``.module``, or the one you passed."""
+        """The teacher network, the built EMA's ``.module`` or the one you passed."""
         return self.ema.module if self.ema is not None else self._given_teacher
 
     @property
@@ -177,7 +183,7 @@ class MESA(nn.Module):
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes MESA adds on this process: the built teacher's parameters and buffers
+        """The bytes MESA adds on this process, the built teacher's parameters and buffers
         (their local shards for a sharded teacher; none for a teacher you pass) and the
         folded weights."""
         folded = self._fast.memory_bytes if self._fast is not None else 0

@@ -30,14 +30,24 @@ class SAF:
     where ``z_i`` are sample ``i``'s current logits, ``z̃_i`` the raw logits the training
     forward pass produced for the same sample index ``Ẽ`` epochs earlier (a constant: the
     gradient flows through ``z_i`` only), and ``V`` the batch rows that have such a target.
-    The τ² factor is in the official code, not in the paper's Eq. 8. Usage::
+    The τ² factor is in the official code, not in the paper's Eq. 8. Usage
+    (``set_epoch`` at the start of every epoch: without it the term stays 0.0):
 
+    .. test: setup=sgd check="saf.active"
+
+    ::
+
+        from torch.utils.data import DataLoader
+        from flatmin.data import WithIndex
+
+        loader = DataLoader(WithIndex(train_set), batch_size=128, shuffle=True)
         saf = SAF(num_samples=len(train_set), num_classes=10)
         for epoch in range(epochs):
             saf.set_epoch(epoch)
-            for x, y, idx in loader:                     # flatmin.data.WithIndex(train_set)
+            for x, y, idx in loader:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y) + saf(logits, idx)
+                opt.zero_grad(); loss.backward(); opt.step()
 
     **Counting epochs.** ``set_epoch`` takes 0-based epochs, as the official code's loop
     does, and the term is active when ``epoch > start_epoch`` (the official condition):
@@ -71,7 +81,9 @@ class SAF:
 
     **Memory.** ``lag_epochs`` slots per sample and class (each slot is read before it is
     overwritten; the official code keeps ``Ẽ + 1`` float32 slots) in ``store_dtype``, plus
-    4 bytes per sample and slot for the epoch that wrote it::
+    4 bytes per sample and slot for the epoch that wrote it:
+
+    .. code-block:: text
 
         memory_bytes = N·C·Ẽ·itemsize + N·Ẽ·4
 
@@ -151,7 +163,7 @@ class SAF:
 
     @property
     def memory_bytes(self) -> int:
-        """Size of the store in bytes: ``N·C·Ẽ·itemsize + N·Ẽ·4`` (full rows) or
+        """The store's size in bytes, ``N·C·Ẽ·itemsize + N·Ẽ·4`` (full rows) or
         ``N·Ẽ·(row_bytes + 4)`` (``top_k``); see the class docstring."""
         return self.store.memory_bytes
 

@@ -1,0 +1,122 @@
+"""Every code block of README.md runs, as a new reader would run it (tests/docs/helpers.py).
+
+Python blocks run in README order with their markers' set-ups; shell blocks run their
+``flatmin`` commands at reduced sizes in one shared directory, in README order, so a
+command that needs an earlier command's run directory gets it only if the README creates
+it. Blocks that cannot run here (``make test`` is this suite) say why in their marker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.docs.helpers import (
+    PYTHON,
+    README,
+    ROOT,
+    SHELL,
+    SRC,
+    Block,
+    flatmin_arguments,
+    markdown_blocks,
+    namespace_for,
+    reduced,
+    run_python,
+    shell_commands,
+    write_fake_fashion_mnist,
+)
+
+BLOCKS = markdown_blocks(README)
+PYTHON_BLOCKS = [b for b in BLOCKS if b.lang in PYTHON]
+SHELL_BLOCKS = [b for b in BLOCKS if b.lang in SHELL]
+COMMANDS = [(b, line, argv) for b in SHELL_BLOCKS for line, argv in shell_commands(b)]
+_namespaces: dict[int, dict | None] = {}  # index in PYTHON_BLOCKS -> namespace after it ran
+_named: dict[str, dict] = {}
+
+
+def test_every_block_is_run_or_says_why_not():
+    """A block that is neither Python nor shell (or an indented block) would be left out
+    without a word: it must carry a ``skip="why"`` marker."""
+    left_out = [
+        f"{b.id} ({b.lang})"
+        for b in BLOCKS
+        if b.lang not in (*PYTHON, *SHELL) and "skip" not in b.options
+    ]
+    assert left_out == []
+
+
+def _skip_unless_runnable(block: Block) -> None:
+    if "skip" in block.options:
+        pytest.skip(block.options["skip"])
+    module = block.options.get("requires")
+    if module and importlib.util.find_spec(module) is None:
+        pytest.skip(f"needs {module}, which is not installed")
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)), ids=[b.id for b in PYTHON_BLOCKS])
+def test_python_block(index, request):
+    block = PYTHON_BLOCKS[index]
+    _namespaces[index] = None
+    _skip_unless_runnable(block)
+    if "processes" in block.options:
+        error = request.getfixturevalue("multi_process_results")[block.id]
+        assert error is None, error
+        return
+    namespace = namespace_for(block, _namespaces.get(index - 1), _named)
+    _namespaces[index] = run_python(block, namespace)
+    if "name" in block.options:
+        _named[block.options["name"]] = dict(_namespaces[index])
+
+
+@pytest.fixture(scope="module")
+def shell_dir(tmp_path_factory):
+    """The directory every README command runs in, in README order (runs/ accumulates),
+    with fake Fashion-MNIST files (given as --data-dir to commands that train on it)."""
+    root = tmp_path_factory.mktemp("readme-shell")
+    write_fake_fashion_mnist(root / "fashion-mnist")
+    return root
+
+
+def _slow(argv: list[str]) -> bool:
+    args = flatmin_arguments(argv) or []
+    return argv[0] == "torchrun" or args[:1] == ["bench"] or "--nproc" in args
+
+
+@pytest.mark.parametrize(
+    "block, line, argv",
+    [
+        pytest.param(b, n, a, marks=[pytest.mark.slow] if _slow(a) else [])
+        for b, n, a in COMMANDS
+    ],
+    ids=[f"README.md:{n}:{' '.join(a[:3])}" for b, n, a in COMMANDS],
+)
+def test_shell_command(block: Block, line: int, argv: list[str], shell_dir: Path):
+    _skip_unless_runnable(block)
+    args = flatmin_arguments(argv)
+    if args is None and argv[:1] != ["python"]:
+        pytest.fail(f"README.md:{line}: cannot run {argv[0]!r} here; mark its block skip=...")
+    argv = reduced(argv, shell_dir / "fashion-mnist")
+    if argv[0] == "flatmin":
+        command = [sys.executable, "-m", "flatmin.cli", *argv[1:]]
+    elif argv[0] == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    else:
+        command = [sys.executable, *argv[1:]]
+        command[1] = str(ROOT / command[1])  # python benchmarks/x.py: the repository's file
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), str(ROOT)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        command, cwd=shell_dir, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, (
+        f"README.md:{line}: {' '.join(argv)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
