@@ -150,6 +150,20 @@ def test_report_averages_measures_over_the_runs_that_did_not_diverge():
     assert line.endswith("| — | — | — | 1 |")
 
 
+def test_report_heading_says_when_the_runs_are_shorter_than_the_study():
+    """`bench accuracy --epochs 2` runs: the section title's epoch count is not theirs."""
+
+    def final(seed, epochs):
+        return {"test_acc": 0.5 + seed / 10, "sam_sharpness": 0.01, "lambda_max": 1.0,
+                "train_loss": 0.3, "train_wall_time": 1.0, "epochs": epochs}  # fmt: skip
+
+    short = {"sgd": {0: final(0, 2), 1: final(1, 2)}, "sam": {0: final(0, 2)}}
+    heading = format_section(TINY, section_rows(TINY, short)).splitlines()[0]
+    assert heading == "### digits, 1 epoch — these runs: 2 epochs, not the study's 1"
+    full = {"sgd": {0: final(0, 1), 1: final(1, 1)}}
+    assert format_section(TINY, section_rows(TINY, full)).splitlines()[0] == "### digits, 1 epoch"
+
+
 def test_reused_variant_reads_the_home_section(tmp_path):
     variant = Variant.of("sgd").reused_from("main")
     job = RunJob(TINY, variant, 3)

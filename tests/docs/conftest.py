@@ -1,5 +1,5 @@
-"""One spawn of two gloo processes runs every ``processes=2`` block of the README and the
-docstrings (starting processes that import torch is most of their cost); each block's
+"""One spawn of two gloo processes runs every ``processes=2`` block of the Markdown files
+and the docstrings (starting processes that import torch is most of their cost); each block's
 test then reads what its block left: ``<i>.ok``, or ``<i>.err`` with the traceback."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 
 from flatmin.distributed import spawn
-from tests.docs.helpers import README, docstring_blocks, markdown_blocks, run_blocks_in_processes
+from tests.docs.helpers import MARKDOWN, docstring_blocks, markdown_blocks, run_blocks_in_processes
 
 WORLD = 2
 
 
 def multi_process_blocks():
-    """Every block marked ``processes=2``, README first, in file order."""
-    blocks = [*markdown_blocks(README), *docstring_blocks()]
+    """Every block marked ``processes=2``: Markdown files first, then docstrings."""
+    blocks = [b for path in MARKDOWN for b in markdown_blocks(path)] + docstring_blocks()
     return [b for b in blocks if b.options.get("processes") and "skip" not in b.options]
 
 

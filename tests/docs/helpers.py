@@ -5,8 +5,8 @@ A small extractor of our own rather than a plugin: pytest-markdown-docs pins
 reads reStructuredText docstrings, continues from a *named* earlier block, or runs a block
 in two processes.
 
-**Markdown** (README.md): fenced blocks, and indented blocks (reported so that none is
-left out unnoticed). A marker on the line right before a block says how to run it; it is
+**Markdown** (README.md and the site's pages, docs/*.md): fenced blocks, and indented
+blocks (reported so that none is left out unnoticed); MyST directives are not code. A marker on the line right before a block says how to run it; it is
 an HTML comment, so GitHub does not show it, but a reader of the file sees it::
 
     <!-- test: setup=model -->          run SETUPS["model"] first (the code is below)
@@ -14,6 +14,9 @@ an HTML comment, so GitHub does not show it, but a reader of the file sees it::
     <!-- test: name=loop -->            keep this block's namespace under a name ...
     <!-- test: continue=loop -->        ... and start from a copy of it
     <!-- test: processes=2 -->          run in 2 gloo processes (flatmin.distributed.spawn)
+    <!-- test: script -->               run as a script, ``python example.py`` (spawn's own
+                                        examples: their functions must be importable)
+    <!-- test: check="saf.active" -->   afterwards, this expression must be true
     <!-- test: requires=lightning -->   skipped, saying so, when the module is missing
     <!-- test: skip="why" -->           not run; pytest prints the reason
 
@@ -37,9 +40,12 @@ from __future__ import annotations
 import ast
 import doctest
 import gzip
+import os
 import re
 import shlex
 import struct
+import subprocess
+import sys
 import textwrap
 import traceback
 import warnings
@@ -53,6 +59,7 @@ import flatmin
 SRC = Path(flatmin.__file__).resolve().parents[1]  # the src/ directory under test
 ROOT = SRC.parent
 README = ROOT / "README.md"
+MARKDOWN = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the README and the site's pages
 
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+|~~~+)\s*(?P<info>[^`]*)$")
 MARKER = re.compile(r"^\s*(?:<!--|\.\.)\s*test:(?P<body>.*?)(?:-->)?\s*$")
@@ -108,7 +115,8 @@ def markdown_blocks(path: Path) -> list[Block]:
             end = next(j for j in range(i + 1, len(lines)) if lines[j].rstrip() == close)
             code = textwrap.dedent("\n".join(lines[i + 1 : end]))
             lang = (fence["info"].split() or ["text"])[0]
-            blocks.append(Block(path, i + 2, lang, code, marker))
+            if not lang.startswith("{"):  # MyST directives ({eval-rst}, {toctree}) are no code
+                blocks.append(Block(path, i + 2, lang, code, marker))
             marker, i = {}, end + 1
             continue
         after_blank = i == 0 or not lines[i - 1].strip()
@@ -177,9 +185,7 @@ def _docstring_examples(doc: str) -> list[tuple[int, str, str, dict[str, str]]]:
                 out.append((first, kind or "literal", code, marker))
             marker, i = {}, j
             continue
-        if stripped:
-            marker = {}
-        i += 1
+        i += 1  # a marker holds until the next example (it may precede its paragraph)
     return out
 
 
@@ -243,6 +249,19 @@ epochs = 7  # SAF and MESA start after epoch 5: the term is really computed
 """
 _MODEL_NAMES = ("model", "x", "y", "loss_fn", "train_set", "loader", "epochs")
 
+_DDP = """
+import torch
+torch.manual_seed(0)  # the same initial weights on every process
+model = torch.nn.Sequential(
+    torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
+)
+train_set = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 10, (64,)))
+loader = torch.utils.data.DataLoader(
+    train_set, batch_size=8, sampler=torch.utils.data.distributed.DistributedSampler(train_set)
+)
+epochs = 7
+"""
+
 SETUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     # a small BatchNorm CNN for 10 classes, one batch (x, y), a dataset and its loader
     "model": (_MODEL, _MODEL_NAMES),
@@ -260,20 +279,33 @@ def closure():
 """,
         (*_MODEL_NAMES, "torch", "F", "SAM", "opt", "closure"),
     ),
+    # the same, with a plain SGD optimizer (loops with SAF, MESA, an EMA)
+    "sgd": (
+        _MODEL
+        + """
+import torch.nn.functional as F
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+""",
+        (*_MODEL_NAMES, "opt"),
+    ),
     # a process of a gloo group (run with processes=2): a model and a DistributedSampler's
     # loader, as a torchrun script would have them
     "ddp": (
-        """
-import torch
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-train_set = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
-loader = torch.utils.data.DataLoader(
-    train_set, batch_size=8,
-    sampler=torch.utils.data.distributed.DistributedSampler(train_set, shuffle=False),
-)
-""",
+        _DDP,
         ("model", "train_set", "loader"),
+    ),
+    # the same model wrapped in DDP, with a SAM optimizer, this process's batch, a loss
+    "ddp_model": (
+        _DDP
+        + """
+from torch.nn.parallel import DistributedDataParallel
+from flatmin import SAM
+ddp_model = DistributedDataParallel(model)
+opt = SAM(ddp_model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+x, y = next(iter(loader))
+loss_fn = torch.nn.functional.cross_entropy
+""",
+        ("model", "train_set", "loader", "ddp_model", "opt", "x", "y", "loss_fn", "epochs"),
     ),
 }
 
@@ -284,8 +316,11 @@ REDUCE: dict[tuple[str, ...], list[str]] = {
         "--max-batches", "1", "--batch-size", "64", "--top-k", "1", "--max-iter", "4",
         "--trace-queries", "6", "--steps", "3", "--noise-repeats", "1",
     ],
-    ("bench", "speed"): ["--steps", "2", "--repeats", "1", "--batch-size", "32"],
-    ("bench", "accuracy"): ["--epochs", "1", "--seeds", "2"],
+    ("bench", "speed"): [
+        "--steps", "2", "--repeats", "1", "--batch-size", "32", "--models", "cnn1d",
+        "--methods", "sgd", "sam",
+    ],
+    ("bench", "accuracy"): ["--epochs", "1", "--seeds", "1"],
 }  # fmt: skip
 
 
@@ -365,8 +400,8 @@ def namespace_for(
 
 
 def run_python(block: Block, namespace: dict) -> dict:
-    """Execute the block in ``namespace`` with every warning an error; ``>>>`` blocks run
-    as doctests. Tracebacks name the file's own line numbers."""
+    """Execute the block in ``namespace`` with every warning an error (``>>>`` blocks run
+    as doctests), then its marker's ``check``. Tracebacks name the file's own lines."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         if block.is_doctest:
@@ -374,6 +409,9 @@ def run_python(block: Block, namespace: dict) -> dict:
         else:
             code = "\n" * (block.line - 1) + block.code
             exec(compile(code, str(block.path), "exec"), namespace)
+        check = block.options.get("check")  # a visible condition on what the block left
+        if check and not eval(check, namespace):
+            raise AssertionError(f"{block.id}: after the block, {check} is false")
     return namespace
 
 
@@ -390,12 +428,26 @@ def _run_doctest(block: Block, namespace: dict) -> None:
         raise AssertionError(f"doctest {block.id} failed:\n" + "".join(report))
 
 
+def run_script(block: Block, directory: Path) -> None:
+    """Run the block as ``python example.py`` in ``directory`` (warnings are errors)."""
+    script = directory / "example.py"
+    script.write_text(block.code)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(ROOT)])}
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        cwd=directory, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise AssertionError(f"{block.id} as a script:\n{done.stdout}\n{done.stderr}")
+
+
 def run_blocks_in_processes(rank: int, world_size: int, blocks: list[Block], out: str) -> None:
     """Worker for ``processes=N`` blocks (flatmin.distributed.spawn; module level, so it
     pickles): run each block in order, record ``<i>.ok``, or its traceback in ``<i>.err``
     and stop (the other process then fails at its next collective, and spawn ends both)."""
     import torch
 
+    os.chdir(out)  # what the blocks write (checkpoints) goes there
     for i, block in enumerate(blocks):
         torch.manual_seed(0)
         try:
@@ -409,8 +461,9 @@ def run_blocks_in_processes(rank: int, world_size: int, blocks: list[Block], out
 
 def example_globals(block: Block) -> dict:
     """What a docstring example may use without importing it, as in torch's own docstrings:
-    ``torch``, ``nn``, ``F``, flatmin's top-level names and the public names of the module
-    the example documents. README blocks get nothing: a reader copies them as they are."""
+    ``torch``, ``nn``, ``F``, flatmin's top-level names, :mod:`flatmin.optim`'s (the SAM
+    family and the BatchNorm helpers) and the public names of the module the example
+    documents. README blocks get nothing: a reader copies them as they are."""
     if not block.owner:
         return {}
     import importlib
@@ -419,8 +472,11 @@ def example_globals(block: Block) -> dict:
     import torch.nn.functional as F
     from torch import nn
 
+    import flatmin.optim
+
     names = {"torch": torch, "nn": nn, "F": F}
     names.update({name: getattr(flatmin, name) for name in flatmin.__all__})
+    names.update({name: getattr(flatmin.optim, name) for name in flatmin.optim.__all__})
     module_name = block.owner
     while True:
         try:

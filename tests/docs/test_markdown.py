@@ -1,8 +1,9 @@
-"""Every code block of README.md runs, as a new reader would run it (tests/docs/helpers.py).
+"""Every code block of README.md and of the site's pages (docs/*.md) runs, as a new reader
+would run it (tests/docs/helpers.py).
 
-Python blocks run in README order with their markers' set-ups; shell blocks run their
-``flatmin`` commands at reduced sizes in one shared directory, in README order, so a
-command that needs an earlier command's run directory gets it only if the README creates
+Python blocks run in file order with their markers' set-ups; shell blocks run their
+``flatmin`` commands at reduced sizes in one directory per file, in file order, so a
+command that needs an earlier command's run directory gets it only if the file creates
 it. Blocks that cannot run here (``make test`` is this suite) say why in their marker.
 """
 
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.docs.helpers import (
+    MARKDOWN,
     PYTHON,
-    README,
     ROOT,
     SHELL,
     SRC,
@@ -32,7 +33,7 @@ from tests.docs.helpers import (
     write_fake_fashion_mnist,
 )
 
-BLOCKS = markdown_blocks(README)
+BLOCKS = [block for path in MARKDOWN for block in markdown_blocks(path)]
 PYTHON_BLOCKS = [b for b in BLOCKS if b.lang in PYTHON]
 SHELL_BLOCKS = [b for b in BLOCKS if b.lang in SHELL]
 COMMANDS = [(b, line, argv) for b in SHELL_BLOCKS for line, argv in shell_commands(b)]
@@ -68,19 +69,28 @@ def test_python_block(index, request):
         error = request.getfixturevalue("multi_process_results")[block.id]
         assert error is None, error
         return
-    namespace = namespace_for(block, _namespaces.get(index - 1), _named)
+    previous = PYTHON_BLOCKS[index - 1] if index else None
+    same_file = previous is not None and previous.path == block.path
+    namespace = namespace_for(block, _namespaces.get(index - 1) if same_file else None, _named)
     _namespaces[index] = run_python(block, namespace)
     if "name" in block.options:
         _named[block.options["name"]] = dict(_namespaces[index])
 
 
 @pytest.fixture(scope="module")
-def shell_dir(tmp_path_factory):
-    """The directory every README command runs in, in README order (runs/ accumulates),
-    with fake Fashion-MNIST files (given as --data-dir to commands that train on it)."""
-    root = tmp_path_factory.mktemp("readme-shell")
-    write_fake_fashion_mnist(root / "fashion-mnist")
-    return root
+def shell_dirs(tmp_path_factory):
+    """``dirs(path)``: the directory every command of that file runs in, in file order
+    (runs/ accumulates), with fake Fashion-MNIST files (given as --data-dir to commands
+    that train on it)."""
+    made: dict[Path, Path] = {}
+
+    def directory(path: Path) -> Path:
+        if path not in made:
+            made[path] = tmp_path_factory.mktemp(f"shell-{path.stem}")
+            write_fake_fashion_mnist(made[path] / "fashion-mnist")
+        return made[path]
+
+    return directory
 
 
 def _slow(argv: list[str]) -> bool:
@@ -90,17 +100,15 @@ def _slow(argv: list[str]) -> bool:
 
 @pytest.mark.parametrize(
     "block, line, argv",
-    [
-        pytest.param(b, n, a, marks=[pytest.mark.slow] if _slow(a) else [])
-        for b, n, a in COMMANDS
-    ],
-    ids=[f"README.md:{n}:{' '.join(a[:3])}" for b, n, a in COMMANDS],
+    [pytest.param(b, n, a, marks=[pytest.mark.slow] if _slow(a) else []) for b, n, a in COMMANDS],
+    ids=[f"{b.path.name}:{n}:{' '.join(a[:3])}" for b, n, a in COMMANDS],
 )
-def test_shell_command(block: Block, line: int, argv: list[str], shell_dir: Path):
+def test_shell_command(block: Block, line: int, argv: list[str], shell_dirs):
+    shell_dir = shell_dirs(block.path)
     _skip_unless_runnable(block)
     args = flatmin_arguments(argv)
     if args is None and argv[:1] != ["python"]:
-        pytest.fail(f"README.md:{line}: cannot run {argv[0]!r} here; mark its block skip=...")
+        pytest.fail(f"{block.path.name}:{line}: cannot run {argv[0]!r}; mark its block skip=...")
     argv = reduced(argv, shell_dir / "fashion-mnist")
     if argv[0] == "flatmin":
         command = [sys.executable, "-m", "flatmin.cli", *argv[1:]]
@@ -118,5 +126,5 @@ def test_shell_command(block: Block, line: int, argv: list[str], shell_dir: Path
         command, cwd=shell_dir, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, (
-        f"README.md:{line}: {' '.join(argv)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        f"{block.path.name}:{line}: {' '.join(argv)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     )

@@ -56,6 +56,7 @@ def section_rows(section: Section, results: Mapping[str, Mapping[int, dict]]) ->
             "lambda_max_mean": _mean_or_none([runs[s]["lambda_max"] for s in measured]),
             "train_loss_mean": _mean_or_none([runs[s]["train_loss"] for s in measured]),
             "wall_time_mean": summarize([runs[s]["train_wall_time"] for s in seeds]).mean,
+            "epochs": sorted({runs[s]["epochs"] for s in seeds if "epochs" in runs[s]}),
         }
         base = results.get(variant.baseline, {})
         shared = [s for s in seeds if s in base]
@@ -81,7 +82,12 @@ def format_section(section: Section, rows: Sequence[Mapping[str, Any]]) -> str:
         "| variant | n | test acc % (mean ± std) | Δ vs baseline (pp) [95 % paired CI] "
         "| SAM sharpness ρ=0.05 | λmax | final train loss | train s/run |"
     )
-    lines = [f"### {section.title}", "", header, "|" + "---|" * 8]
+    heading = section.title
+    ran = sorted({e for r in rows for e in r.get("epochs", ())})
+    if ran and ran != [section.epochs]:  # shortened runs: the title's epoch count is not theirs
+        counts = ", ".join(str(e) for e in ran)
+        heading += f" — these runs: {counts} epochs, not the study's {section.epochs}"
+    lines = [f"### {heading}", "", header, "|" + "---|" * 8]
     for r in rows:
         diff = r.get("diff")
         if diff:

@@ -53,8 +53,8 @@ from flatmin.optim._checks import check_int
 from flatmin.train.models import build_model
 from flatmin.train.registry import METHODS
 
-# The SAF paper's throughput as a share of the base optimizer's (ImageNet ResNet-50 /
-# ViT-S/32 for LookSAM; REFERENCE.md), and issue 8's targets for ours.
+# The SAF paper's throughput as a share of the base optimizer's (Du et al., NeurIPS 2022:
+# ImageNet, ResNet-50, and ViT-S/32 for LookSAM), and issue 8's targets for ours.
 PAPER_RATIO = {
     "sam": 0.493,
     "gsam": 0.481,
