@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv on first use and install flatmin with everything the demo and tests need
-# (the integrations extra included: Lightning, accelerate, transformers).
+# Create .venv on first use and install flatmin with everything the demo, the tests and the
+# documentation site (make docs) need (the integrations extra included: Lightning,
+# accelerate, transformers).
 # torch: keep the user's own if the base Python already has it; otherwise install the
 # CPU build 2.13.0 (found on disk through --find-links where present) rather than
 # letting pip resolve "torch" to a multi-gigabyte CUDA build.
