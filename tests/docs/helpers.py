@@ -19,6 +19,8 @@ an HTML comment, so GitHub does not show it, but a reader of the file sees it::
     <!-- test: check="saf.active" -->   afterwards, this expression must be true
     <!-- test: requires=lightning -->   skipped, saying so, when the module is missing
     <!-- test: skip="why" -->           not run; pytest prints the reason
+    <!-- test: parse="why" -->          flatmin commands parsed by the real parser, not run
+                                        (the reason names what runs them)
 
 **Docstrings** (src/flatmin, read with ast: nothing is imported to collect them): every
 ``::`` literal block and every ``>>>`` block is an example. The marker is an RST comment
@@ -262,6 +264,22 @@ loader = torch.utils.data.DataLoader(
 epochs = 7
 """
 
+_LAYERS = """
+import torch
+torch.manual_seed(0)
+
+class Layers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 16), torch.nn.Linear(16, 10)])
+
+    def forward(self, x):
+        return self.layers[1](torch.relu(self.layers[0](x)))
+
+model = Layers()
+x, y = torch.randn(8, 8), torch.randint(0, 10, (8,))
+"""
+
 SETUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     # a small BatchNorm CNN for 10 classes, one batch (x, y), a dataset and its loader
     "model": (_MODEL, _MODEL_NAMES),
@@ -306,6 +324,23 @@ x, y = next(iter(loader))
 loss_fn = torch.nn.functional.cross_entropy
 """,
         ("model", "train_set", "loader", "ddp_model", "opt", "x", "y", "loss_fn", "epochs"),
+    ),
+    # a process of a gloo group with a model made of .layers, seeded alike on every rank
+    # (FSDP2 does not broadcast initial weights), and a batch
+    "fsdp": (_LAYERS, ("model", "x", "y")),
+    # the same model sharded with FSDP2, a SAM optimizer over its shards and a SAF
+    "fsdp_sam": (
+        _LAYERS
+        + """
+from torch.distributed.fsdp import fully_shard
+from flatmin import SAF, SAM
+for layer in model.layers:
+    fully_shard(layer)
+fully_shard(model)
+optimizer = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+saf = SAF(num_samples=64, num_classes=10)
+""",
+        ("model", "x", "y", "optimizer", "saf"),
     ),
 }
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flatmin.cli import build_parser
 from tests.docs.helpers import (
     MARKDOWN,
     PYTHON,
@@ -109,6 +110,10 @@ def test_shell_command(block: Block, line: int, argv: list[str], shell_dirs):
     args = flatmin_arguments(argv)
     if args is None and argv[:1] != ["python"]:
         pytest.fail(f"{block.path.name}:{line}: cannot run {argv[0]!r}; mark its block skip=...")
+    if "parse" in block.options:  # run elsewhere (the marker says where): the flags must exist
+        parser, _ = build_parser(args)
+        parser.parse_args(args)  # SystemExit(2) on an unknown or mistyped flag
+        return
     argv = reduced(argv, shell_dir / "fashion-mnist")
     if argv[0] == "flatmin":
         command = [sys.executable, "-m", "flatmin.cli", *argv[1:]]

@@ -38,7 +38,10 @@ def test_the_issue_methods_are_registered():
         ("saf", {"lam": 0.3, "tau": 5.0, "lag_epochs": 3, "start_epoch": 5, "top_k": 0}),
         ("mesa", {"lam": 0.8, "tau": 5.0, "ema_decay": 0.9998, "start_epoch": 5}),
         ("adamw", {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999}),
-        ("gsam", {"rho": 0.05, "alpha": 0.4}),  # the GSAM paper's α ≈ 0.4 (Zhuang et al., ICLR 2022)
+        (
+            "gsam",
+            {"rho": 0.05, "alpha": 0.4},
+        ),  # the GSAM paper's α ≈ 0.4 (Zhuang et al., ICLR 2022)
         ("looksam", {"k": 5, "alpha": 0.7}),
         ("esam", {"beta": 0.6, "gamma": 0.5}),  # the authors' CIFAR ResNet-18 settings
     ],

@@ -7,7 +7,7 @@
   equal on every rank, by their mean over ranks or by rank 0's copy.
 * :func:`~flatmin.distributed.reduce_metrics` — average (or sum) a dict of logged numbers
   across ranks.
-* :func:`~flatmin.distributed.all_gather_rows` — every rank's rows of a tensor,
+* :func:`~flatmin.distributed.collectives.all_gather_rows` — every rank's rows of a tensor,
   concatenated in rank order.
 * :func:`~flatmin.distributed.max_replica_difference` — how far a replicated tensor list
   is from rank 0's.

@@ -15,14 +15,20 @@ trajectory methods:
 * **Initial weights are not broadcast**: each rank keeps its own initialisation's rows.
   Seed every rank alike before building the model (or load a checkpoint).
 
-Example::
+Example, on every rank, for a ``model`` made of ``model.layers``:
+
+.. test: setup=fsdp processes=2
+
+::
+
+    from torch.distributed.fsdp import fully_shard
 
     for layer in model.layers:
         fully_shard(layer)
     fully_shard(model)
     assert is_sharded(model)
     with torch.no_grad():
-        accuracy = evaluate(model)
+        logits = model(x)               # an evaluation: a forward without backward
     reshard(model)                      # the next SAM step perturbs the shards
 """
 

@@ -86,13 +86,13 @@ holds only its shard of each parameter, and the backward reduce-scatters the *av
 gradient, so no process ever has its own full ``g_r``: per-process ε cannot be formed,
 and ``perturbation="local"`` is refused with an error that says so. With
 ``perturbation="global"`` the step is the SAM-family step on the global batch, computed
-on the shards (:mod:`flatmin.optim._buckets`: ε and the restore act on the local shards,
+on the shards (``flatmin.optim._buckets``: ε and the restore act on the local shards,
 each norm or dot product costs one all-reduce of a scalar, the base optimizer's state
 stays sharded): with equal per-process batches it equals one process stepping on the
 whole batch, for every member. ESAM's data selection is then global too: the per-sample
 loss rises are all-gathered (``B`` numbers) and the ``⌈γ·B⌉`` largest of the global
-batch are used (:attr:`flatmin.optim.ESAM.sample_gather`). m-sharpness under FSDP2 is
-:func:`~flatmin.distributed.m_sharpness.m_sharpness_step`: each sub-batch's ε is global
+batch are used (:attr:`flatmin.ESAM.sample_gather`). m-sharpness under FSDP2 is
+:func:`~flatmin.distributed.m_sharpness_step`: each sub-batch's ε is global
 over the processes' sub-batches, so it has ``m = W·m_local``.
 """
 

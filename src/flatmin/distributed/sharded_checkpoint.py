@@ -18,8 +18,16 @@ What this module adds to DCP:
 * :func:`save_sharded` / :func:`load_sharded` — ``dcp.save``/``dcp.load`` of a whole
   state dict (the two above, the method's terms, RNG states, counters).
 
-Example (every rank runs it)::
+Example (every rank runs it), for an FSDP2 ``model``, its SAM-family ``optimizer`` and
+a SAF ``saf``:
 
+.. test: setup=fsdp_sam processes=2
+
+::
+
+    import torch.distributed as dist
+
+    epoch = 3
     state = {
         "train": sharded_state_dict(model, optimizer),
         "saf": saf.state_dict(),

@@ -123,7 +123,7 @@ class ESAM(SAM):
             processes is ``mean_{i∈S} ∇ℓ_i``, as on one process with the whole batch (a
             process none of whose rows is selected runs one row with weight 0, so that
             its backward still takes part in the collectives).
-            :func:`flatmin.distributed.sam.sam_step` sets it for the duration of a step
+            :func:`flatmin.distributed.sam_step` sets it for the duration of a step
             on a sharded (FSDP2) model; leave it ``None`` otherwise.
     """
 

@@ -93,9 +93,9 @@ class SAF:
 
     **A compressed store:** ``top_k=k``. Each slot then keeps only the ``k`` largest past
     logits, their classes and the log-sum-exp of the other classes' tempered logits
-    (:class:`~flatmin.trajectory.topk_store.TopKLogitStore`), and the term treats the
+    (:class:`~flatmin.trajectory.TopKLogitStore`), and the term treats the
     classes outside the top ``k`` as one bucket
-    (:func:`~flatmin.trajectory.kl.bucketed_tempered_kl`): never more than the full KL,
+    (:func:`~flatmin.trajectory.bucketed_tempered_kl`): never more than the full KL,
     equal to it at ``k = C``, the same rows valid and recorded. Memory per sample and slot
     is ``⌈(4 + k·(itemsize + class bytes))/4⌉·4 + 4`` bytes instead of ``C·itemsize + 4``:
     ImageNet-1k at ``k = 10``, Ẽ = 3: 176 MiB. Worth it when ``C`` is large (hundreds of

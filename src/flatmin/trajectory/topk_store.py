@@ -4,7 +4,7 @@ SAF (Du et al., NeurIPS 2022) keeps ``N·C·Ẽ`` past logits, which at ImageNet
 (14.2 M samples × 21,841 classes) is terabytes even in float16. Its term only needs the
 past distribution ``p = softmax(z̃/τ)``, and a KL that merges the classes outside the
 ``k`` largest past logits into one bucket
-(:func:`~flatmin.trajectory.kl.bucketed_tempered_kl`) needs only:
+(:func:`~flatmin.trajectory.bucketed_tempered_kl`) needs only:
 
 - the ``k`` largest past logits, in the store dtype (float16 by default),
 - their classes, in the narrowest integer type that holds ``C`` (uint8 up to 256
@@ -70,7 +70,7 @@ class TopKLogitStore(LogitStore):
     The bookkeeping (slots, epochs, first visits, memory maps, state dicts) is
     :class:`~flatmin.trajectory.logit_store.LogitStore`'s; only the row differs (see the
     module docstring). The term against these rows is
-    :func:`~flatmin.trajectory.kl.bucketed_tempered_kl` (:meth:`kl`).
+    :func:`~flatmin.trajectory.bucketed_tempered_kl` (``kl``).
 
     Args:
         num_samples, num_classes, num_slots, dtype, device, memmap_path: as for
@@ -213,6 +213,6 @@ class TopKLogitStore(LogitStore):
         *, weight: float = 1.0,
     ) -> Tensor:  # fmt: skip
         """``weight·τ²·mean KL_k(past ‖ present)`` against rows read from this store
-        (:func:`~flatmin.trajectory.kl.bucketed_tempered_kl`)."""
+        (:func:`~flatmin.trajectory.bucketed_tempered_kl`)."""
         values, classes, rest_lse = self.unpack(rows)
         return bucketed_tempered_kl(logits, values, classes, rest_lse, tau, valid, weight=weight)
