@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from flatmin.cli import build_parser
+from flatmin.cli import build_parser, main
 from tests.docs.helpers import (
     MARKDOWN,
     PYTHON,
@@ -104,7 +105,7 @@ def _slow(argv: list[str]) -> bool:
     [pytest.param(b, n, a, marks=[pytest.mark.slow] if _slow(a) else []) for b, n, a in COMMANDS],
     ids=[f"{b.path.name}:{n}:{' '.join(a[:3])}" for b, n, a in COMMANDS],
 )
-def test_shell_command(block: Block, line: int, argv: list[str], shell_dirs):
+def test_shell_command(block: Block, line: int, argv: list[str], shell_dirs, monkeypatch, capsys):
     shell_dir = shell_dirs(block.path)
     _skip_unless_runnable(block)
     args = flatmin_arguments(argv)
@@ -115,9 +116,20 @@ def test_shell_command(block: Block, line: int, argv: list[str], shell_dirs):
         parser.parse_args(args)  # SystemExit(2) on an unknown or mistyped flag
         return
     argv = reduced(argv, shell_dir / "fashion-mnist")
-    if argv[0] == "flatmin":
-        command = [sys.executable, "-m", "flatmin.cli", *argv[1:]]
-    elif argv[0] == "torchrun":
+    where = f"{block.path.name}:{line}: {' '.join(argv)}"
+    if argv[0] == "flatmin":  # in this process: the command's own main(), as the script runs it
+        monkeypatch.chdir(shell_dir)
+        threads = torch.get_num_threads()
+        try:
+            status = main(argv[1:])
+        except SystemExit as exit:  # argparse's --help and its usage errors
+            status = exit.code
+        finally:
+            torch.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        assert status in (0, None), f"{where}\n{out[-3000:]}\n{err[-3000:]}"
+        return
+    if argv[0] == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
     else:
         command = [sys.executable, *argv[1:]]
@@ -130,6 +142,4 @@ def test_shell_command(block: Block, line: int, argv: list[str], shell_dirs):
     done = subprocess.run(
         command, cwd=shell_dir, env=env, capture_output=True, text=True, timeout=600
     )
-    assert done.returncode == 0, (
-        f"{block.path.name}:{line}: {' '.join(argv)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    )
+    assert done.returncode == 0, f"{where}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

@@ -66,7 +66,7 @@ class DistributedMESA:
     (without it the term stays 0.0), :meth:`update` after every optimizer step (a
     collective):
 
-    .. test: setup=ddp_model processes=2
+    .. test: setup=ddp_model processes=2 check="mesa.active"
 
     ::
 

@@ -53,7 +53,7 @@ class DistributedSAF:
 
     Use it exactly like SAF, on every process, with this process's batch:
 
-    .. test: setup=ddp_model processes=2
+    .. test: setup=ddp_model processes=2 check="saf.active"
 
     ::
 

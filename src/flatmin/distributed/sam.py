@@ -58,10 +58,9 @@ the base step — through the engine's :attr:`~flatmin.SAM.replica_mean` hook:
 
 .. math::
 
-    d_r = γ_r\,g_{s,r},\ γ_r = \frac{\lVert g_r\rVert}{\lVert g_{s,r}\rVert}
-    \ \text{(StableSAM)},\qquad
-    d_r = g_{s,r} − α\,g_{⊥,r} \ \text{(GSAM)},\qquad
-    w ← \mathrm{base\_step}\Big(w, \frac1W \sum_r d_r\Big)
+    d_r &= γ_r\,g_{s,r},\quad γ_r = \frac{\lVert g_r\rVert}{\lVert g_{s,r}\rVert}
+    \quad \text{(StableSAM)}, \qquad d_r = g_{s,r} − α\,g_{⊥,r} \quad \text{(GSAM)},\\
+    w &← \mathrm{base\_step}\Big(w, \frac1W \sum_r d_r\Big)
 
 with ``g_⊥,r = g_r − (⟨g_r,g_s,r⟩/‖g_s,r‖²)·g_s,r`` (one gradient-sized all-reduce
 per step, as for SAM; DDP synchronizes no backward here, so it broadcasts buffers
