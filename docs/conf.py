@@ -58,6 +58,8 @@ autodoc_typehints = "description"  # types go into the argument list; signatures
 autodoc_default_options = {"members": True}
 autoclass_content = "class"
 autodoc_inherit_docstrings = False  # else torch.optim.Optimizer's docstrings leak in
+# timm imports torchvision, which needs a build matching torch; the docs need neither
+autodoc_mock_imports = ["timm"]
 
 nitpicky = True
 nitpick_ignore_regex = [
@@ -68,6 +70,7 @@ nitpick_ignore_regex = [
     (r"py:class", r"(Tensor|Module|Optimizer|ProcessGroup|Path|ndarray|Generator|Callable)"),
     (r"py:class", r"(Size|Any|Iterable|Iterator|Sequence|Mapping|Literal|Dataset)"),
     (r"py:class", r"(DistributedDataParallel|GradScaler|timedelta|device|dtype)"),
+    (r"py:class", r"(pytorch_lightning|lightning|accelerate|transformers|timm)\..*"),
     # flatmin's type aliases in signatures (Literal[...] and Callable[...] spelled out)
     (r"py:class", r"flatmin\..*\.(LossFn|Progress|OptimizerFactory|HyperValue|MethodFactory)"),
     (r"py:class", r"(LossFn|Progress|OptimizerFactory|StatisticsSync|Normalization|Which)"),

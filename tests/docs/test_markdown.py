@@ -63,7 +63,8 @@ def _skip_unless_runnable(block: Block) -> None:
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)), ids=[b.id for b in PYTHON_BLOCKS])
-def test_python_block(index, request):
+def test_python_block(index, request, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what a block writes goes there
     block = PYTHON_BLOCKS[index]
     _namespaces[index] = None
     _skip_unless_runnable(block)

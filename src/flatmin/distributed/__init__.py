@@ -14,8 +14,8 @@ Past one machine's memory, with FSDP2 (``torch.distributed.fsdp.fully_shard``):
 
 * :func:`sam_step` with ``perturbation="global"`` steps every SAM-family member on the
   shards (:mod:`~flatmin.distributed.fsdp`: helpers for sharded models);
-* :mod:`~flatmin.distributed.sharded_saf` — :class:`ShardedSAF`, SAF's store split across
-  the processes (each holds ``1/W`` of it);
+* :mod:`~flatmin.distributed.sharded_saf` — :class:`~flatmin.distributed.ShardedSAF`,
+  SAF's store split across the processes (each holds ``1/W`` of it);
 * :mod:`~flatmin.distributed.sharded_checkpoint` — sharded checkpoints with
   ``torch.distributed.checkpoint``.
 

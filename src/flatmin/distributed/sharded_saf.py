@@ -34,7 +34,7 @@ So the targets, their validity and the term are those of the replicated store, w
 each process sends and receives about ``B·(row bytes + 9)`` bytes per call whatever
 ``W`` is (the replicated store receives ``W·B·(row bytes + 8)``). A repeated pass costs
 the header only. Rows travel in the store's own format — a tuple of tensors with leading
-dimension ``B`` (:data:`~flatmin.trajectory.logit_store.Rows`: the logits in the store
+dimension ``B`` (``Rows``: the logits in the store
 dtype, or with ``top_k`` the compressed rows of
 :class:`~flatmin.trajectory.topk_store.TopKLogitStore`), packed into one byte row per
 sample — so both stores are sharded the same way.
@@ -43,7 +43,7 @@ sample — so both stores are sharded the same way.
 ``λ·τ²·Σ_{i∈V_r} KL_i · W/|V|``, which the data-parallel gradient average turns into the
 single-process term on the global batch.
 
-**Checkpoints.** :meth:`ShardedSAF.state_dict` gives the blocks as ``DTensor`` shards of
+**Checkpoints.** ``ShardedSAF.state_dict()`` gives the blocks as ``DTensor`` shards of
 the global ``(Ẽ, N, C)`` table (with ``torch.distributed.checkpoint``, every process
 writes its block; a checkpoint loads at another number of processes too), or plain
 tensors on a single process.
@@ -85,9 +85,18 @@ class ShardedSAF:
     ``exchange``, ``state_dict``, ``memory_bytes``), on every process with this
     process's batch; every call is a collective. ``memmap_path`` gets the suffix
     ``.rank<r>``: each process maps its own block; ``top_k`` shards the compressed store.
-    Example::
+    Example, on every process:
 
-        saf = ShardedSAF(num_samples=len(train_set), num_classes=21841, lag_epochs=2)
+    .. test: setup=ddp_model processes=2 check="saf.active"
+
+    ::
+
+        from torch.utils.data import DataLoader, DistributedSampler
+        from flatmin.data import WithIndex
+
+        sampler = DistributedSampler(WithIndex(train_set))
+        loader = DataLoader(WithIndex(train_set), batch_size=8, sampler=sampler)
+        saf = ShardedSAF(num_samples=len(train_set), num_classes=10, lag_epochs=2)
         for epoch in range(epochs):
             sampler.set_epoch(epoch)
             saf.set_epoch(epoch)

@@ -1,5 +1,7 @@
 """accelerate: one SAM-family step on the objects ``Accelerator.prepare`` returned.
 
+.. test: skip="a part of examples/accelerate_sam.py, which tests/examples runs"
+
 The recipe (each part tested against the README's own loops)::
 
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=model)

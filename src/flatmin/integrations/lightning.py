@@ -1,5 +1,7 @@
 """Lightning: SAF and MESA driven by a callback, the SAM family checked and mixed precision.
 
+.. test: skip="a part of examples/lightning_sam.py, which tests/examples runs"
+
 SAM in **automatic optimization** needs nothing from this module: return the optimizer
 from ``configure_optimizers`` with ``model=`` (Lightning's ``optimizer_step`` cannot
 forward it), and Lightning's ``optimizer.step(closure)`` runs both passes with the
@@ -75,6 +77,8 @@ def trajectory_terms(module: torch.nn.Module) -> dict[str, Term]:
 
 class FlatminCallback(pl.Callback):
     """Drive the module's SAF and MESA and check the Trainer against the SAM family.
+
+    .. test: skip="a part of examples/lightning_sam.py, which tests/examples runs"
 
     Example::
 
@@ -211,6 +215,8 @@ class SAMPrecision(MixedPrecision):
     untouched. Other optimizers are stepped as by ``MixedPrecision``. Gradient clipping
     and ``on_before_optimizer_step`` are not run between the passes: clip with the
     optimizer's ``max_grad_norm``.
+
+    .. test: skip="a part of examples/lightning_sam.py, which tests/examples runs"
 
     Example::
 

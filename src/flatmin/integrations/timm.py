@@ -1,9 +1,13 @@
 """timm: the SAM family in timm's optimizer registry.
 
+.. test: skip="timm needs a torchvision built for this torch (tests/integrations skips timm likewise)"
+
 Every SAM-family constructor takes any callable that builds the base optimizer, so
 timm's own factories already work as a base::
 
     opt = SAM(model.parameters(), timm.optim.get_optimizer_class("sgd"), lr=0.1, momentum=0.9)
+
+.. test: skip="timm needs a torchvision built for this torch (tests/integrations skips timm likewise)"
 
 :func:`register_timm_optimizers` adds one registry entry per (family member, base):
 ``"samsgd"``, ``"samadamw"``, ``"gsamsgd"``, ``"looksamadamw"``, … (timm reads the text
@@ -66,7 +70,7 @@ def register_timm_optimizers(
     """Register ``prefix + base`` for every family member and base; return the names.
 
     Args:
-        families: name prefix → SAM-family class (default: :data:`FAMILY`).
+        families: name prefix → SAM-family class (default: ``FAMILY``).
         bases: names of timm optimizers to wrap (default: sgd, momentum, adamw, adam).
         registry: a timm ``OptimizerRegistry`` (default: timm's own).
     """

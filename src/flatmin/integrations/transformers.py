@@ -27,6 +27,8 @@ in its checkpoints (``flatmin_terms.pt``), so ``train(resume_from_checkpoint=...
 bit-exact. MESA calls its teacher as ``teacher(inputs)``: build it on
 ``LogitsOf(model)``, which takes the input dict and returns ``.logits``.
 
+.. test: skip="a part of examples/transformers_trainer.py, which tests/examples runs"
+
 Example::
 
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=model)
@@ -59,6 +61,8 @@ TERMS_FILE = "flatmin_terms.pt"
 
 class LogitsOf(nn.Module):
     """``model(**inputs).logits``: a transformers model as MESA's teacher wants it.
+
+    .. test: skip="a part of examples/transformers_trainer.py, which tests/examples runs"
 
     Example::
 
@@ -159,7 +163,7 @@ class FlatminTrainer(Trainer):
     """A ``transformers.Trainer`` for SAM-family optimizers and SAF / MESA (module doc).
 
     Args:
-        *args, **kwargs: the ``Trainer``'s.
+        args, kwargs: the ``Trainer``'s positional and keyword arguments.
         saf: a :class:`flatmin.SAF` over the training set (items carry ``"idx"``).
         mesa: a :class:`flatmin.MESA`, built on :class:`LogitsOf` of the model.
     """
