@@ -328,6 +328,26 @@ loss_fn = torch.nn.functional.cross_entropy
     # a process of a gloo group with a model made of .layers, seeded alike on every rank
     # (FSDP2 does not broadcast initial weights), and a batch
     "fsdp": (_LAYERS, ("model", "x", "y")),
+    # a network class made of .blocks, each process seeded alike (FSDP2 examples build it)
+    "fsdp_net": (
+        """
+import torch
+torch.manual_seed(0)
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()), torch.nn.Linear(16, 10)]
+        )
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+""",
+        ("Net",),
+    ),
     # the same model sharded with FSDP2, a SAM optimizer over its shards and a SAF
     "fsdp_sam": (
         _LAYERS

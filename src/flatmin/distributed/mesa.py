@@ -19,7 +19,14 @@ Cost: one broadcast of the norm statistics per step (negligible next to DDP's ow
 
 **FSDP2.** A sharded student cannot be deep-copied, so build MESA on the plain model
 first and shard its teacher exactly as the student (every process seeded alike, as FSDP2
-needs for the student anyway: each keeps its own rows of the same initialisation)::
+needs for the student anyway: each keeps its own rows of the same initialisation), here
+for a ``Net`` made of ``blocks``:
+
+.. test: setup=fsdp_net processes=2
+
+::
+
+    from torch.distributed.fsdp import fully_shard
 
     model = Net()                                   # the same seed on every process
     mesa = MESA(model, fold_batchnorm=False, teacher_memory_format=None)

@@ -25,7 +25,7 @@ class EMA(nn.Module):
     ``requires_grad=False``) and stays in eval mode: ``ema.train()`` leaves it there.
 
     **Sharded models** (FSDP2's ``fully_shard``, whose models cannot be deep-copied): build
-    the EMA from the plain model, then shard :attr:`module` exactly as the model; the
+    the EMA from the plain model, then shard ``module`` exactly as the model; the
     update then runs on each process's local shards (``DTensor.to_local()``), so no
     process holds a whole copy.
 
