@@ -203,19 +203,22 @@ class _BucketedKL(torch.autograd.Function):
         log_p, log_q = groups.sub_(log_norm).unbind(0)
         p = log_p.exp()
         rows = p.mul(log_p.sub(log_q)).sum(dim=1)
-        if bucket:  # on j ∉ T: e_j·(Q − r)/Σe;  on T: q_i − p_i
-            rest_coef = log_q[:, k:].exp().sub_(p[:, k:]).div_(total)
-            top = log_q[:, :k].exp().sub_(p[:, :k])
-        else:  # q = e/Σe everywhere; subtract p on T (here every class)
-            rest_coef, top = total.reciprocal(), p.neg()
+        # Per group q − p: on T the gradient q_i − p_i; the bucket's Q − r, which spread
+        # as e_j·(Q − r)/Σe gives q_j − r·q_j/Q on j ∉ T.
+        diff = log_q.exp().sub_(p)
+        if bucket:
+            rest_coef, top = diff[:, k:].div(total), diff[:, :k]
+        else:  # every class is in T: the whole gradient is q − p, scattered
+            rest_coef, top = torch.zeros_like(total), diff
         if valid is None:
             count = rows.new_tensor(float(rows.shape[0]))
             value = rows.sum()
         else:  # invalid rows: no value, no gradient (their targets may hold anything)
             count = valid.sum(dtype=dtype).clamp_(min=1)
             value = torch.where(valid, rows, 0.0).sum()
-            rest_coef = torch.where(valid[:, None], rest_coef, 0.0)
-            top = torch.where(valid[:, None], top, 0.0)
+            keep = valid[:, None]
+            rest_coef = torch.where(keep, rest_coef, 0.0)
+            top = torch.where(keep, top, 0.0)
         ctx.save_for_backward(exp, rest_coef, top, index, count, weight_tau)
         return value.mul_(scale).div_(count)
 

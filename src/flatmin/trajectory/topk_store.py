@@ -205,8 +205,8 @@ class TopKLogitStore(LogitStore):
         return torch.promote_types(z.dtype, torch.float32)
 
     def _finite_rows(self, rows: Rows) -> Tensor:
-        rest = self.unpack(rows).rest_lse
-        return rest == rest  # NaN marks a row that is not finite; −inf (k = C) is fine
+        rest = self._field(rows[0], "rest_lse", torch.float32)
+        return (rest == rest)[:, 0]  # NaN marks a row that is not finite; −inf (k = C) is fine
 
     def kl(
         self, logits: Tensor, rows: Rows, tau: float, valid: Tensor | None = None,
