@@ -342,7 +342,8 @@ def _topk_speed(args: argparse.Namespace) -> int:
 
 def _topk_memory(args: argparse.Namespace) -> int:
     ks = args.top_k if args.top_k != [1, 5, 10, 20] else [5, 10, 20]
-    _positive(top_k=min(ks))
+    _positive(top_k=min(ks), threads=args.threads)
+    torch.set_num_threads(args.threads)
     if args.memmap_samples < 0:
         raise BenchError(f"--memmap-samples must be >= 0, got {args.memmap_samples}")
     out = Path(args.out or "benchmarks/results")
