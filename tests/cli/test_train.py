@@ -13,6 +13,7 @@ import torch
 
 from flatmin.cli import build_parser, main
 from flatmin.distributed.launch import free_port
+from flatmin.train.checkpoint import load_run
 from flatmin.train.lock import RunLock
 from flatmin.train.registry import METHODS
 from tests.cli.helpers import TINY, flatmin
@@ -209,6 +210,49 @@ def test_torchrun_runs_the_same_training_as_nproc(tmp_path):
     torchrun = torch.load(tmp_path / "torchrun" / "checkpoint.pt", weights_only=True)
     assert nproc["world_size"] == torchrun["world_size"] == 2
     assert_trees_equal(nproc["model"], torchrun["model"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_torchrun_nodes_on_loopback_train_as_nproc_2_with_fsdp(tmp_path):
+    """Two `torchrun --nnodes 2 --nproc-per-node 1` "nodes" on one machine (c10d
+    rendezvous on 127.0.0.1) run `flatmin train --fsdp` as one group of 2: the workers'
+    run files hold the weights `--nproc 2 --fsdp` trains, and rank 0 alone reports."""
+    common = ["--method", "sam", "--dataset", "digits", "--model", "mlp", "--epochs", "1",
+              "--subset", "256", "--quiet", "--fsdp", "--threads", "1"]  # fmt: skip
+    assert main(["train", *common, "--nproc", "2", "--out", str(tmp_path / "nproc")]) == 0
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+            "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"127.0.0.1:{free_port()}", "--rdzv-id", "flatmin-test", "-m", "flatmin.cli",
+            "train", *common, "--out", str(tmp_path / "nodes")]  # fmt: skip
+    nodes = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    outputs = [process.communicate(timeout=600) for process in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert sum(out.count("sam: test accuracy") for out, _ in outputs) == 1  # rank 0's
+    runs = {}
+    for name in ("nproc", "nodes"):
+        state = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        assert state["world_size"] == 2
+        runs[name] = load_run(tmp_path / name).model.state_dict()
+    assert_trees_equal(runs["nproc"], runs["nodes"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--fsdp"], "--fsdp shards the model across processes: give --nproc N with N >= 2"),
+        (["--fsdp", "--nproc", "1"], "--fsdp shards the model across processes"),
+        (["--fsdp", "--nproc", "2", "--track-sharpness"],
+         "--track-sharpness measures a whole model, which no process holds under --fsdp"),
+    ],
+)  # fmt: skip
+def test_fsdp_settings_it_cannot_run_are_refused_before_anything_is_written(
+    tmp_path, capsys, flags, message
+):
+    assert _train(tmp_path, "--method", "sam", "--epochs", "1", *flags) == 2
+    assert_one_line_error(capsys.readouterr().err, message)
+    assert not (tmp_path / "run").exists()
 
 
 def test_nproc_must_be_positive(tmp_path, capsys):

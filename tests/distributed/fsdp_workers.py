@@ -33,6 +33,9 @@ from flatmin.distributed.sharded_checkpoint import (
     sharded_state_dict,
 )
 from flatmin.distributed.sharded_saf import ShardedSAF
+from flatmin.train.ddp import train_in_group
+from flatmin.train.fsdp import FSDPTrainer
+from tests.distributed.ddp_workers import train_config
 
 GLOBAL_BATCH, STEPS = 16, 3
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -437,6 +440,27 @@ def mesa_run(rank: int, world_size: int, out_dir: str) -> None:
     torch.save(results, Path(out_dir) / f"fsdp_mesa_{rank}.pt")
 
 
+# -- the FSDP2 trainer --------------------------------------------------------------------
+
+TRAIN_FSDP = ("sam", "esam", "saf", "mesa")  # ddp_workers.train_config: digits, BN CNN
+
+
+def fsdp_trainer_first_round(rank: int, world_size: int, root: str) -> None:
+    """Each method for two epochs, straight and stopped after one (resumed by
+    :func:`fsdp_trainer_resume` in new processes)."""
+    for method in TRAIN_FSDP:
+        for name, stop_after in (("straight", None), ("split", 1)):
+            train_in_group(rank, world_size, train_config(method),
+                           f"{root}/fsdp-{method}-{name}", False, stop_after,
+                           trainer=FSDPTrainer)  # fmt: skip
+
+
+def fsdp_trainer_resume(rank: int, world_size: int, root: str) -> None:
+    for method in TRAIN_FSDP:
+        train_in_group(rank, world_size, train_config(method), f"{root}/fsdp-{method}-split",
+                       True, None, trainer=FSDPTrainer)  # fmt: skip
+
+
 def every_first_run(rank: int, world_size: int, out_dir: str) -> None:
     """Every FSDP2 scenario of the session's first spawn (and of the 4-process one)."""
     family_run(rank, world_size, out_dir)
@@ -446,9 +470,11 @@ def every_first_run(rank: int, world_size: int, out_dir: str) -> None:
     gather_rows_run(rank, world_size, out_dir)
     sharded_store_run(rank, world_size, out_dir)
     mesa_run(rank, world_size, out_dir)
+    fsdp_trainer_first_round(rank, world_size, out_dir)
     dcp_first_run(rank, world_size, out_dir)
 
 
 def every_resumed_run(rank: int, world_size: int, out_dir: str) -> None:
     """The FSDP2 scenarios of the session's second spawn."""
     dcp_resumed_run(rank, world_size, out_dir)
+    fsdp_trainer_resume(rank, world_size, out_dir)

@@ -12,12 +12,16 @@ epoch; ``flatmin train --out runs/saf-fmnist --resume`` continues an interrupted
 bit-exactly. Every method hyperparameter has a flag generated from the registry; a flag
 left out takes the method's paper default.
 
-``--nproc N`` trains on N local processes (:mod:`flatmin.train.ddp`). Under ``torchrun``
-(which sets ``WORLD_SIZE``) the command joins torchrun's group instead:
+``--nproc N`` trains on N local processes (:mod:`flatmin.train.ddp`); with ``--fsdp``
+the model, optimizer state, SAF store and MESA teacher are sharded across them
+(:mod:`flatmin.train.fsdp`). Under ``torchrun`` (which sets ``WORLD_SIZE``) the command
+joins torchrun's group instead, on one machine or several:
 
 .. code-block:: bash
 
     torchrun --nproc-per-node 2 -m flatmin.cli train --method saf --out runs/y
+    torchrun --nnodes 2 --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT \
+        --rdzv-id RUN -m flatmin.cli train --fsdp --method sam --out runs/z
 
 Bad settings, a run directory in use or unusable, and unreadable checkpoints end the
 command with one line on stderr and exit status 2, before anything is written.
@@ -36,10 +40,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from flatmin.distributed.launch import init_from_env
+from flatmin.distributed.launch import init_from_env, leave_group
 from flatmin.train import checkpoint as ckpt
 from flatmin.train.config import DEFAULT_MODELS, SCHEDULES, TrainConfig, resume_conflicts
-from flatmin.train.ddp import run_distributed, train_in_group
+from flatmin.train.ddp import DistributedTrainer, run_distributed, train_in_group
 from flatmin.train.loop import Trainer, divergence_message
 from flatmin.train.registry import METHODS, all_hyperparameters
 
@@ -145,6 +149,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="train on N local processes (torch.distributed, gloo); --batch-size stays "
         "global (default: 1, or torchrun's group under torchrun)",
     )
+    control.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model, optimizer state, SAF store and MESA teacher across the "
+        "processes (FSDP2; SAM-family methods then perturb with the global ε) and write "
+        "sharded checkpoints; needs --nproc N >= 2 or torchrun",
+    )
 
 
 def _describe_defaults(pairs: list[tuple[str, Any]]) -> str:
@@ -182,7 +193,7 @@ def _stored_config(out: Path) -> dict[str, Any]:
         stored = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise ValueError(f"--resume: {path} is not JSON; is {out} a flatmin run?") from None
-    for key in ("data", "world_size"):  # facts about the run, not settings
+    for key in ("data", "world_size", "fsdp"):  # facts about the run, not settings
         stored.pop(key, None)
     return stored
 
@@ -227,14 +238,28 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
         if args.nproc is not None and args.nproc < 1:
             raise ValueError(f"--nproc must be a positive number of processes, got {args.nproc}")
+        under_torchrun = args.nproc is None and "WORLD_SIZE" in os.environ
+        if args.fsdp and not under_torchrun and (args.nproc or 1) < 2:
+            raise ValueError(
+                "--fsdp shards the model across processes: give --nproc N with N >= 2, or "
+                "run the command under torchrun"
+            )
+        trainer_class: type[DistributedTrainer] = DistributedTrainer
+        if args.fsdp:
+            # Imported here: torch.distributed.checkpoint costs a second at every start.
+            from flatmin.train.fsdp import FSDPTrainer
+
+            FSDPTrainer.check_config(config)
+            trainer_class = FSDPTrainer
         check_out(out)
         log = None if args.quiet else functools.partial(print_summary, epochs=config.epochs)
-        if args.nproc is None and "WORLD_SIZE" in os.environ:
-            records = _run_under_torchrun(config, out, args, log)
+        if under_torchrun:
+            records = _run_under_torchrun(config, out, args, log, trainer_class)
         elif (args.nproc or 1) > 1:
             records = run_distributed(config, out, args.nproc, resume=args.resume,
                                       stop_after=args.stop_after,
-                                      epoch_callbacks=() if log is None else (log,))  # fmt: skip
+                                      epoch_callbacks=() if log is None else (log,),
+                                      trainer=trainer_class)  # fmt: skip
         else:
             trainer = Trainer(config, out, progress=args.progress,
                               epoch_callbacks=() if log is None else (log,))  # fmt: skip
@@ -270,16 +295,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_under_torchrun(
-    config: TrainConfig, out: Path, args: argparse.Namespace, log: Any
-) -> list[dict[str, Any]]:
+    config: TrainConfig, out: Path, args: argparse.Namespace, log: Any,
+    trainer: type[DistributedTrainer],
+) -> list[dict[str, Any]]:  # fmt: skip
     """This process's share of a torchrun group; the records on rank 0, none elsewhere."""
     rank, nproc = init_from_env()
     try:
         records = train_in_group(rank, nproc, config.resolved(), str(out), args.resume,
                                  args.stop_after, lock=True,
-                                 epoch_callbacks=() if log is None else (log,))  # fmt: skip
-    finally:
+                                 epoch_callbacks=() if log is None else (log,),
+                                 trainer=trainer)  # fmt: skip
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_group()
     return records if rank == 0 else []
 
 

@@ -57,7 +57,7 @@ from flatmin.distributed.collectives import (
     reduce_metrics,
     sync_norm_statistics,
 )
-from flatmin.distributed.launch import init_from_env, spawn
+from flatmin.distributed.launch import init_from_env, leave_group, spawn
 from flatmin.distributed.m_sharpness import m_sharpness_step
 from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
@@ -87,6 +87,7 @@ __all__ = [
     "average_gradients",
     "first_pass",
     "init_from_env",
+    "leave_group",
     "load_on_every_rank",
     "m_sharpness_step",
     "max_replica_difference",

@@ -124,18 +124,11 @@ def _run_in_group(
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     try:
         fn(rank, world_size, *args)
-        # FSDP2 modules sit in reference cycles that hold gloo work objects; freed only
-        # at interpreter exit, after the group is gone, they abort the process
-        # ("terminate called without an active exception") once in a few dozen runs.
-        gc.collect()
-        # Without it, a rank that finished first tears its connections down while the
-        # others still use them (gloo then aborts the same way).
-        dist.barrier()
     except BaseException as error:
         _write_error(Path(errors) / str(rank), error)  # before the group goes down
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    leave_group()
 
 
 def _write_error(path: Path, error: BaseException) -> None:
@@ -185,6 +178,21 @@ def _watch_parent(parent: int, interval: float = 1.0) -> None:
     while os.getppid() == parent:
         time.sleep(interval)
     os._exit(1)
+
+
+def leave_group() -> None:
+    """Leave the process group once this process's work is done (call on every process:
+    a collective), e.g. at the end of a script under ``torchrun``.
+
+    FSDP2 modules sit in reference cycles that hold gloo work objects; freed only at
+    interpreter exit, after the group is gone, they abort the process ("terminate called
+    without an active exception") once in a few dozen runs, so they are collected first.
+    The barrier keeps a process that finished first from tearing its connections down
+    while the others still use them (gloo aborts the same way).
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def init_from_env(backend: str = "gloo") -> tuple[int, int]:

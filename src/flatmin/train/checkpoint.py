@@ -24,6 +24,11 @@ holds only tensors and plain Python values, so ``torch.load(path)`` with the def
 - ``"checksum"``: the SHA-256 of every other entry (:func:`state_checksum`), so a file
   whose bytes changed after it was written is refused instead of resumed.
 
+A run of the FSDP2 trainer (``--fsdp``, :mod:`flatmin.train.fsdp`) keeps ``"model"``,
+``"optimizer"``, ``"method_state"`` and ``"rng"`` empty here and adds ``"sharded"``: the
+name of the ``torch.distributed.checkpoint`` directory beside it that holds them, sharded,
+and the SHA-256 of each of its files (:func:`digests`, checked by :func:`shard_problem`).
+
 :func:`load_run` rebuilds a run's model (weights loaded) and its data from a run
 directory or a checkpoint file, for anything that measures a trained model.
 """
@@ -37,6 +42,7 @@ import random
 import signal
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -177,13 +183,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def resume_state(
-    out_dir: Path, config: Mapping[str, Any], *, resume: bool, world_size: int = 1
+    out_dir: Path,
+    config: Mapping[str, Any],
+    *,
+    resume: bool,
+    world_size: int = 1,
+    sharded: bool = False,
 ) -> dict[str, Any] | None:
     """The checkpoint a run configured as ``config`` (flat, :meth:`TrainConfig.to_dict`)
     continues from ``out_dir``; ``None`` for a new run.
 
     ``ValueError`` when a new run would overwrite a checkpoint, or when the checkpoint
-    was written with other settings or by another number of processes.
+    was written with other settings, by another number of processes, or sharded by the
+    FSDP2 trainer (``"sharded"`` names its directory) when ``sharded`` is False, or the
+    other way round.
     """
     path = Path(out_dir) / CHECKPOINT_NAME
     if not resume:
@@ -200,6 +213,12 @@ def resume_state(
             f"the checkpoint was written by {state['world_size']} process(es) "
             f"(--nproc {state['world_size']}), not {world_size}: the per-process batches "
             "and perturbations would differ"
+        )
+    if ("sharded" in state) != sharded:
+        reasons.append(
+            "the checkpoint is sharded (trained with --fsdp): resume it with --fsdp"
+            if sharded is False
+            else "the checkpoint is not sharded (trained without --fsdp): resume it without --fsdp"
         )
     if reasons:
         raise ValueError(f"cannot resume {out_dir}: " + "; ".join(reasons))
@@ -268,6 +287,34 @@ def _to_tuples(obj: Any) -> Any:
     return tuple(_to_tuples(v) for v in obj) if isinstance(obj, (tuple, list)) else obj
 
 
+def digests(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file of a sharded checkpoint directory, by file name."""
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.iterdir())
+        if path.is_file()
+    }
+
+
+def shard_problem(directory: Path, expected: Mapping[str, str]) -> str | None:
+    """Why the sharded checkpoint in ``directory`` cannot be used, or ``None``."""
+    if not directory.is_dir():
+        return f"{directory} is missing: the checkpoint's shards are gone"
+    found = digests(directory)
+    if set(found) != set(expected):
+        return (
+            f"{directory} holds the files {sorted(found)}, the checkpoint names "
+            f"{sorted(expected)}: it is not the directory that was written with it"
+        )
+    changed = sorted(name for name in expected if found[name] != expected[name])
+    if changed:
+        return (
+            f"{directory} is corrupted: {', '.join(changed)} changed after it was "
+            "written (its digest differs); it cannot be used"
+        )
+    return None
+
+
 @dataclass
 class LoadedRun:
     """A trained run rebuilt from its checkpoint: ``model`` holds the saved weights (in
@@ -295,11 +342,32 @@ def load_run(path: str | Path, *, data_dir: str | None = None) -> LoadedRun:
         config = replace(config, data_dir=data_dir)
     data = config.load_data(augment=False)
     model = build_model(config.model, data.num_classes, data.input_shape)
+    weights = checkpoint["model"]
+    if "sharded" in checkpoint:  # a --fsdp run: the whole weights, from every shard
+        weights = _gathered_weights(checkpoint_path.parent, checkpoint["sharded"], model)
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(weights)
     except RuntimeError:
         raise CheckpointError(
             f"{checkpoint_path}: the saved weights do not fit the model {config.model!r} "
             f"for {config.dataset} that its configuration names"
         ) from None
     return LoadedRun(config, model.eval(), data, checkpoint)
+
+
+def _gathered_weights(run_dir: Path, sharded: Mapping[str, Any], model: nn.Module) -> dict:
+    """The model's whole state dict, read on this one process from a sharded checkpoint
+    (its digests checked first)."""
+    # Imported here: torch.distributed.checkpoint costs a second, and only --fsdp runs
+    # need it.
+    from flatmin.distributed.sharded_checkpoint import load_sharded
+
+    directory = run_dir / sharded["directory"]
+    problem = shard_problem(directory, sharded["digests"])
+    if problem is not None:
+        raise CheckpointError(problem)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "… assuming the intent is to load in a single process"
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        load_sharded(state, directory)
+    return state["model"]

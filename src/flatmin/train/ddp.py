@@ -49,6 +49,7 @@ from flatmin.distributed.launch import spawn
 from flatmin.distributed.mesa import DistributedMESA
 from flatmin.distributed.saf import DistributedSAF
 from flatmin.distributed.sam import sam_step
+from flatmin.distributed.sharded_saf import ShardedSAF
 from flatmin.train import checkpoint as ckpt
 from flatmin.train.config import TrainConfig
 from flatmin.train.lock import RunLock
@@ -61,6 +62,7 @@ from flatmin.train.method import (
     SinglePassUpdate,
     TwoPassUpdate,
 )
+from flatmin.trajectory.saf import SAF
 
 
 class DistributedTwoPassUpdate(TwoPassUpdate):
@@ -91,25 +93,27 @@ class DistributedTwoPassUpdate(TwoPassUpdate):
         return outputs[0]
 
 
-def distribute_method(method: Method) -> Method:
+def distribute_method(method: Method, *, sharded: bool = False) -> Method:
     """Make ``method`` (in place) correct on several processes; returns it.
 
     The SAM-family members get :class:`DistributedTwoPassUpdate` with per-process ε
-    (their traits tell :func:`~flatmin.distributed.sam_step` how to average). SAF and
-    MESA terms get their distributed wrappers. An unknown update rule or loss term is
-    refused rather than run with a silently wrong meaning.
+    (their traits tell :func:`~flatmin.distributed.sam_step` how to average), or the
+    global ε on a model ``sharded`` by FSDP2. SAF and MESA terms get their distributed
+    wrappers (a :class:`~flatmin.distributed.ShardedSAF` store when ``sharded``). An
+    unknown update rule or loss term is refused rather than run with a silently wrong
+    meaning.
     """
     update = method.update
     if isinstance(update, DistributedTwoPassUpdate):
         pass
     elif isinstance(update, TwoPassUpdate):
-        method.update = DistributedTwoPassUpdate("local")
+        method.update = DistributedTwoPassUpdate("global" if sharded else "local")
     elif type(update) is not SinglePassUpdate:
         raise TypeError(f"no distributed form is known for the update rule {type(update).__name__}")
     for name, term in method.terms.items():
         if isinstance(term, SAFTerm):
-            if not isinstance(term.saf, DistributedSAF):
-                term.saf = DistributedSAF(term.saf)
+            if isinstance(term.saf, SAF):
+                term.saf = ShardedSAF.from_saf(term.saf) if sharded else DistributedSAF(term.saf)
         elif isinstance(term, MESATerm):
             if not isinstance(term.mesa, DistributedMESA):
                 term.mesa = DistributedMESA(term.mesa)
@@ -174,23 +178,27 @@ def train_in_group(
     rank: int, world_size: int, config: TrainConfig, run_dir: str, resume: bool,
     stop_after: int | None, lock: bool = False,
     epoch_callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    trainer: type[DistributedTrainer] = DistributedTrainer,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One process's share of the training (the target of :func:`spawn`); ``lock``: rank 0
     takes the run directory's lock (when no parent process holds it); rank 0 calls
-    ``epoch_callbacks``. Returns the records (on every rank)."""
-    trainer = DistributedTrainer(
+    ``epoch_callbacks``; ``trainer``: the trainer class (the FSDP2 one for ``--fsdp``).
+    Returns the records (on every rank)."""
+    process = trainer(
         config, run_dir, progress=False, lock=lock,
         epoch_callbacks=epoch_callbacks if rank == 0 else (),
     )  # fmt: skip
-    return trainer.run(resume=resume, stop_after=stop_after)
+    return process.run(resume=resume, stop_after=stop_after)
 
 
 def run_distributed(
     config: TrainConfig, run_dir: str | Path, nproc: int, *, resume: bool = False,
     stop_after: int | None = None,
     epoch_callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    trainer: type[DistributedTrainer] = DistributedTrainer,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Train ``config`` on ``nproc`` local processes; returns the metrics records.
+    """Train ``config`` on ``nproc`` local processes with ``trainer`` (the DDP trainer, or
+    :class:`~flatmin.train.fsdp.FSDPTrainer`); returns the metrics records.
 
     This process holds the run directory's lock while the workers train; settings,
     resume and the batch split are checked here, before any process starts.
@@ -203,7 +211,8 @@ def run_distributed(
             "(it is the global batch, split evenly)"
         )
     with RunLock(run_dir):
-        ckpt.resume_state(Path(run_dir), config.to_dict(), resume=resume, world_size=nproc)
+        ckpt.resume_state(Path(run_dir), config.to_dict(), resume=resume, world_size=nproc,
+                          sharded=trainer.sharded_checkpoint)  # fmt: skip
         spawn(train_in_group, nproc, config, str(run_dir), resume, stop_after, False,
-              tuple(epoch_callbacks))  # fmt: skip
+              tuple(epoch_callbacks), trainer)  # fmt: skip
     return ckpt.read_metrics(Path(run_dir) / ckpt.METRICS_NAME)

@@ -16,9 +16,11 @@ the seed and the epoch alone.
 The loop has no per-method branches: each step is ``method.train_step(...)`` and each
 epoch starts with ``method.set_epoch(epoch)`` (epochs are 0-based there, as in the SAF
 code; the records count completed epochs from 1). A subclass changes where the loop
-runs through four hooks — :meth:`Trainer.wrap_model`, :meth:`Trainer.make_train_loader`,
-:meth:`Trainer.reduce_record` and :attr:`Trainer.is_writer` — as the DDP trainer
-(:mod:`flatmin.train.ddp`) does.
+runs through its hooks — :meth:`Trainer.wrap_model`, :meth:`Trainer.make_train_loader`,
+:meth:`Trainer.reduce_record` and :attr:`Trainer.is_writer` (the DDP trainer,
+:mod:`flatmin.train.ddp`), and :meth:`Trainer.restore`, :meth:`Trainer.save` and
+:attr:`Trainer.run_facts` for a checkpoint of another kind (the FSDP2 trainer's sharded
+one, :mod:`flatmin.train.fsdp`).
 
 A run whose weights stop being finite (NaN or inf after an epoch) has diverged: that
 epoch's record is written with ``"diverged": true``, the checkpoint keeps the last epoch
@@ -83,7 +85,7 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
-class _Run:
+class Run:
     """Everything built for a run, before any state is restored into it."""
 
     model: nn.Module
@@ -139,6 +141,7 @@ class Trainer:
     """
 
     world_size = 1  # processes that train together; recorded in the checkpoint
+    sharded_checkpoint = False  # whether the checkpoint is a sharded one (FSDP2 trainer)
 
     def __init__(
         self,
@@ -167,10 +170,33 @@ class Trainer:
         return True
 
     def wrap_model(self, model: nn.Module, method: Method) -> nn.Module:
-        """The module the training steps run through, built once the state is restored
-        (``DistributedDataParallel(model)`` in the DDP trainer, which also adapts
-        ``method``); evaluation and checkpoints use ``model`` itself."""
+        """The module the training steps run through (``DistributedDataParallel(model)`` in
+        the DDP trainer, which also adapts ``method``), built before a checkpoint's state
+        is restored into ``model`` and ``method``; evaluation and checkpoints use
+        ``model`` itself."""
         return model
+
+    def restore(self, run: Run, state: Mapping[str, Any]) -> None:
+        """Load the checkpoint ``state`` (from :func:`~flatmin.train.checkpoint.resume_state`)
+        into the run, random generators included."""
+        run.restore(state)
+
+    def save(self, run: Run, config: dict, epoch: int, records: list, keep_checkpoint: bool):
+        """Write the run files after ``epoch`` complete epochs (every process calls it;
+        here the writer writes ``checkpoint.pt`` and the metrics). ``keep_checkpoint``: a
+        diverged epoch keeps the last finite checkpoint and writes the metrics only."""
+        if not self.is_writer:
+            return
+        with ckpt.interrupts_deferred():  # the two files of an epoch go together
+            if not keep_checkpoint:
+                state = run.state(config, epoch, records, self.world_size)
+                ckpt.save_checkpoint(self.checkpoint_path, state)
+            ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
+
+    @property
+    def run_facts(self) -> dict[str, Any]:
+        """Facts about how the run is executed, recorded in ``config.json``."""
+        return {"world_size": self.world_size}
 
     def make_train_loader(self, dataset: Dataset) -> DataLoader:
         """The training batches: ``(x, y, index)`` with the samples' dataset positions;
@@ -207,22 +233,22 @@ class Trainer:
 
         config = self.config
         config_dict = config.to_dict()
-        state = ckpt.resume_state(
-            self.out_dir, config_dict, resume=resume, world_size=self.world_size
-        )
+        state = ckpt.resume_state(self.out_dir, config_dict, resume=resume,
+                                  world_size=self.world_size,
+                                  sharded=self.sharded_checkpoint)  # fmt: skip
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         run = self._build()
         records: list[dict[str, Any]] = []
         start_epoch = 0
-        if state is not None:
-            run.restore(state)
-            records, start_epoch = list(state["metrics"]), int(state["epoch"])
         self.model, self.method = run.model, run.method
         stepped = self.wrap_model(run.model, run.method)
+        if state is not None:
+            self.restore(run, state)
+            records, start_epoch = list(state["metrics"]), int(state["epoch"])
 
         if self.is_writer:
-            config_file = {**config_dict, "data": run.data_metadata, "world_size": self.world_size}
+            config_file = {**config_dict, "data": run.data_metadata, **self.run_facts}
             ckpt.write_json(self.out_dir / ckpt.CONFIG_NAME, config_file)
             ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
 
@@ -249,8 +275,7 @@ class Trainer:
                 if diverged:
                     record["diverged"] = True
                 records.append(record)
-                if self.is_writer:
-                    self._save(run, config_dict, epoch + 1, records, keep_checkpoint=diverged)
+                self.save(run, config_dict, epoch + 1, records, keep_checkpoint=diverged)
                 epochs.set_postfix(test_acc=f"{record['test_acc']:.4f}")
                 for callback in self.epoch_callbacks:
                     callback(record)
@@ -258,14 +283,7 @@ class Trainer:
                     break
         return records
 
-    def _save(self, run: _Run, config: dict, epoch: int, records: list, keep_checkpoint: bool):
-        with ckpt.interrupts_deferred():  # the two files of an epoch go together
-            if not keep_checkpoint:  # a diverged epoch keeps the last finite checkpoint
-                state = run.state(config, epoch, records, self.world_size)
-                ckpt.save_checkpoint(self.checkpoint_path, state)
-            ckpt.write_metrics(self.out_dir / ckpt.METRICS_NAME, records)
-
-    def _build(self) -> _Run:
+    def _build(self) -> Run:
         """Data, model, method, loaders and schedule, each seeded from ``config.seed``."""
         config = self.config
         seed_everything(config.seed)
@@ -281,7 +299,7 @@ class Trainer:
         eval_loaders = {"test": make_loader(bundle.test, config.eval_batch_size, False, 0)}
         if bundle.val is not None:
             eval_loaders["val"] = make_loader(bundle.val, config.eval_batch_size, False, 0)
-        return _Run(
+        return Run(
             model=model,
             method=method,
             train_loader=train_loader,
@@ -297,7 +315,7 @@ class Trainer:
         )
 
     def _train_epoch(
-        self, epoch: int, run: _Run, model: nn.Module, disable: bool | None
+        self, epoch: int, run: Run, model: nn.Module, disable: bool | None
     ) -> dict[str, Any]:
         """One epoch of steps through ``model`` (the wrapped model)."""
         from tqdm.auto import tqdm  # optional: the flatmin[train] extra
