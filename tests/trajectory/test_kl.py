@@ -222,3 +222,13 @@ def test_bucketed_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="tau > 0"):
         bucketed_tempered_kl(z, top, classes, rest, 0.0)
     assert bucketed_tempered_kl(z[:0], top[:0], classes[:0], rest[:0], 5.0).item() == 0.0
+
+
+def test_bucketed_half_logits_give_a_float32_term_and_a_half_gradient():
+    z = (torch.randn(4, 6) * 3).half().requires_grad_()
+    past = torch.randn(4, 6) * 3
+    term = bucketed_tempered_kl(z, *_compress(past, 2, 5.0), 5.0)
+    term.backward()
+    assert term.dtype == torch.float32 and z.grad.dtype == torch.float16
+    expected = bucketed_gradient(z.detach().double().numpy(), past.double().numpy(), 2, 5.0) / 4
+    np.testing.assert_allclose(z.grad.double().numpy(), expected, rtol=1e-2, atol=1e-4)

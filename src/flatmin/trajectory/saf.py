@@ -98,8 +98,11 @@ class SAF:
     (:func:`~flatmin.trajectory.bucketed_tempered_kl`): never more than the full KL,
     equal to it at ``k = C``, the same rows valid and recorded. Memory per sample and slot
     is ``⌈(4 + k·(itemsize + class bytes))/4⌉·4 + 4`` bytes instead of ``C·itemsize + 4``:
-    ImageNet-1k at ``k = 10``, Ẽ = 3: 176 MiB. Worth it when ``C`` is large (hundreds of
-    classes and more); at ``C = 10`` a row of ``k = 5`` is as large as a full one.
+    ImageNet-1k at ``k = 10``, Ẽ = 3: 176 MiB. It is an approximation of the term: the
+    bucket keeps the past mass outside the top ``k`` but not its shape, so a small ``k``
+    changes the gradient most where the tempered distribution is flat; and selecting the
+    top ``k`` is extra work per step. Worth it when the full store does not fit (hundreds
+    of classes and more); at ``C = 10`` a row of ``k = 5`` is as large as a full one.
 
     Args:
         num_samples: number of training samples (indices ``0 … num_samples − 1``).
