@@ -18,6 +18,8 @@ an HTML comment, so GitHub does not show it, but a reader of the file sees it::
                                         examples: their functions must be importable)
     <!-- test: check="saf.active" -->   afterwards, this expression must be true
     <!-- test: requires=lightning -->   skipped, saying so, when the module is missing
+    <!-- test: ignore="regex;regex" --> warnings whose message matches are not errors (a
+                                        framework's notices about its own set-up)
     <!-- test: skip="why" -->           not run; pytest prints the reason
     <!-- test: parse="why" -->          flatmin commands parsed by the real parser, not run
                                         (the reason names what runs them)
@@ -459,6 +461,8 @@ def run_python(block: Block, namespace: dict) -> dict:
     as doctests), then its marker's ``check``. Tracebacks name the file's own lines."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        for pattern in filter(None, block.options.get("ignore", "").split(";")):
+            warnings.filterwarnings("ignore", message=pattern)  # a framework's own notices
         if block.is_doctest:
             _run_doctest(block, namespace)
         else:
