@@ -382,12 +382,19 @@ REDUCE: dict[tuple[str, ...], list[str]] = {
 
 
 def shell_commands(block: Block) -> list[tuple[int, list[str]]]:
-    """``(line number, argv)`` of each command of a shell block, comments stripped."""
-    commands = []
+    """``(line number, argv)`` of each command of a shell block, comments stripped and
+    lines ending in a backslash joined to the next."""
+    commands, pending, start = [], "", 0
     for offset, line in enumerate(block.code.splitlines()):
         line = line.split(" #", 1)[0].strip()
+        if not pending:
+            start = offset
+        if line.endswith("\\"):  # continued on the next line
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
         if line and not line.startswith("#"):
-            commands.append((block.line + offset, shlex.split(line)))
+            commands.append((block.line + start, shlex.split(line)))
     return commands
 
 
