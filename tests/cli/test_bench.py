@@ -4,6 +4,7 @@ import pytest
 
 from flatmin.cli import main
 from flatmin.cli.bench import MODES, PRESETS
+from flatmin.train.models import build_model
 from tests.helpers import assert_one_line_error
 
 
@@ -109,3 +110,32 @@ def test_topk_speed_and_memory_write_their_tables(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "topk-speed", "--samples", "0", "--out", str(out)]) == 2
     assert_one_line_error(capsys.readouterr().err, "--samples must be an integer >= 1, got 0")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_speed_and_sharded_store_write_their_tables(tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main(["bench", "fsdp-speed", "--fsdp-models", "mlp", "--repeats", "1", "--steps",
+                 "1", "--batch-size", "8", "--threads", "1", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    speed = json.loads((out / "fsdp_speed_t1.json").read_text())["models"]["mlp"]
+    assert set(speed["ratio"]) == {"sam", "sam_vs_per_process", "saf"}
+    held = speed["parameter_bytes_per_process"]
+    whole = build_model("mlp", 10, (1, 28, 28)).parameters()
+    assert held["ddp_sam_global"] == 4 * sum(p.numel() for p in whole)
+    assert held["fsdp_sam"] < 0.51 * held["ddp_sam_global"]  # rank 0's shards
+    assert "FSDP2 / DDP, median of per-round ratios" in (out / "fsdp_speed_t1.txt").read_text()
+    code = main(["bench", "sharded-store", "--worlds", "1", "2", "--store-cases", "1001x7",
+                 "--repeats", "2", "--batch-size", "4", "--threads", "1", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    rows = json.loads((out / "sharded_store_t1.json").read_text())["rows"]
+    per_sample = 3 * (7 * 2 + 4)  # Ẽ = 3 slots of float16 rows and int32 epochs
+    assert [(r["processes"], r["memory_bytes"]) for r in rows] == [
+        (1, {"replicated": 1001 * per_sample, "sharded": 1001 * per_sample}),
+        (2, {"replicated": 1001 * per_sample, "sharded": 501 * per_sample}),
+    ]
+    assert rows[1]["received_bytes_per_call"]["replicated"] == 2 * 2 * 8 + 2 * 4 * (8 + 14)
+    capsys.readouterr()
+    assert main(["bench", "sharded-store", "--store-cases", "10by3", "--out", str(out)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--store-cases takes NxC pairs")

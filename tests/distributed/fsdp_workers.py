@@ -135,7 +135,28 @@ def family_run(rank: int, world_size: int, out_dir: str) -> None:
             "local_rows": [p.to_local().shape[0] for p in model.parameters()],
         }
     results["collectives"] = collectives_of_one_step(rank, world_size, mesh)
+    if world_size == 4:
+        results["hsdp"] = hsdp_run(rank, world_size)
     torch.save(results, Path(out_dir) / f"fsdp_family_{rank}.pt")
+
+
+HSDP_FAMILY = ("sam_sgd", "stablesam_adamw", "gsam_sgd", "looksam_adamw")
+
+
+def hsdp_run(rank: int, world_size: int) -> dict[str, list]:
+    """HSDP on 4 processes: a 2 x 2 mesh that replicates over its first dimension and
+    shards over its second, so the norms must be reduced over the shard groups only."""
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    xs, ys = family_data()
+    weights = {}
+    for name in HSDP_FAMILY:
+        model = shard_model(mlp(), mesh)
+        opt = FAMILY[name](model.parameters())
+        for step in range(STEPS):
+            x, y = rows(xs[step], rank, world_size), rows(ys[step], rank, world_size)
+            sam_step(opt, model, closure_for(opt, model, x, y), perturbation="global")
+        weights[name] = full(model)
+    return weights
 
 
 def collectives_of_one_step(rank: int, world_size: int, mesh) -> dict[str, list]:

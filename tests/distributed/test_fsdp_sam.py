@@ -18,6 +18,7 @@ from flatmin.distributed import m_sharpness_step
 from tests.distributed.fsdp_workers import (
     FAMILY,
     GLOBAL_BATCH,
+    HSDP_FAMILY,
     M_LOCAL,
     RESUMED,
     STEPS,
@@ -69,6 +70,17 @@ def test_every_member_on_shards_equals_one_process_on_the_global_batch(world, re
         for step in range(STEPS):
             difference = max_difference(run[name]["weights"][step], references[name][step])
             assert difference < TOLERANCE, (name, rank, step, difference)
+
+
+@pytest.mark.slow
+def test_hsdp_replicating_and_sharding_equals_one_process_too(fsdp_results_4, references):
+    """A 2 x 2 mesh (replicate, shard): a norm reduced over every process would count each
+    shard twice."""
+    for rank in range(4):
+        run = torch.load(fsdp_results_4 / f"fsdp_family_{rank}.pt", weights_only=False)
+        for name in HSDP_FAMILY:
+            difference = max_difference(run["hsdp"][name], references[name][-1])
+            assert difference < TOLERANCE, (name, rank, difference)
 
 
 def test_the_shards_are_uneven_and_on_four_processes_one_is_empty(world):

@@ -21,6 +21,9 @@ import torch
 from flatmin.bench.accuracy import plan, run_study
 from flatmin.bench.demo import DemoPreset, plot, run_demo, table, write_summary
 from flatmin.bench.figures import draw_figures
+from flatmin.bench.fsdp import format_speed as format_fsdp_speed
+from flatmin.bench.fsdp import fsdp_speed, sharded_store
+from flatmin.bench.fsdp import header as fsdp_header
 from flatmin.bench.report import report
 from flatmin.bench.speed import run_speed, write_speed
 from flatmin.bench.studies import STUDIES, study
@@ -43,6 +46,9 @@ MODES = {
     "topk-speed": "SAF's top-k store against full rows: look-up + term per step, interleaved",
     "topk-memory": "SAF's store bytes: full, the paper's and top-k layouts; a memory-mapped "
     "top-k store on disk",
+    "fsdp-speed": "step time of SAM and SAF under FSDP2 against DDP, interleaved in one group",
+    "sharded-store": "SAF's sharded store against the replicated one: bytes per process and "
+    "the cost of a look-up at several numbers of processes",
 }
 
 
@@ -83,6 +89,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _accuracy_options(parser.add_argument_group("accuracy options"))
     _figures_options(parser.add_argument_group("figures options"))
     _topk_options(parser.add_argument_group("topk-speed / topk-memory options"))
+    _fsdp_options(parser.add_argument_group("fsdp-speed / sharded-store options"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     runners: dict[str, Callable[[argparse.Namespace], int]] = {
         "demo": _demo, "speed": _speed, "accuracy": _accuracy, "figures": _figures,
         "topk-speed": _topk_speed, "topk-memory": _topk_memory,
+        "fsdp-speed": _fsdp_speed, "sharded-store": _sharded_store,
     }  # fmt: skip
     try:
         return runners[chosen[0]](args)
@@ -359,4 +367,72 @@ def _topk_memory(args: argparse.Namespace) -> int:
     (out / "topk_memory.txt").write_text(text)
     (out / "topk_memory.json").write_text(json.dumps(data, indent=1))
     print(f"wrote {out / 'topk_memory.txt'}")
+    return 0
+
+
+# --- fsdp-speed, sharded-store ----------------------------------------------------------
+
+
+def _fsdp_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--processes", type=int, default=2,
+                       help="fsdp-speed: gloo processes (default: 2)")  # fmt: skip
+    group.add_argument("--fsdp-models", nargs="+", default=["mlp", "cnn"], metavar="NAME",
+                       help="fsdp-speed: the trainer's models, on 28x28 images (default: mlp cnn)")  # fmt: skip
+    group.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4], metavar="W",
+                       help="sharded-store: numbers of processes (default: 1 2 4)")  # fmt: skip
+    group.add_argument("--store-cases", nargs="+", default=["50000x10", "20000x1000"],
+                       metavar="NxC", help="sharded-store: samples x classes "
+                       "(default: 50000x10 20000x1000)")  # fmt: skip
+
+
+def _write(args: argparse.Namespace, stem: str, lines: list[str], data: dict) -> None:
+    out = Path(args.out or "benchmarks/results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.txt").write_text("\n\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"command": _command(args), **data}, indent=1))
+    print(f"wrote {out / stem}.txt")
+
+
+def _fsdp_speed(args: argparse.Namespace) -> int:
+    """``--threads`` per process; ``--batch-size`` per process."""
+    _positive(threads=args.threads, repeats=args.repeats, steps=args.steps,
+              batch_size=args.batch_size)  # fmt: skip
+    if args.processes < 2:
+        raise BenchError(f"--processes must be >= 2, got {args.processes}")
+    lines = [fsdp_header(_command(args))]
+    print(lines[0], flush=True)
+    out = Path(args.out or "benchmarks/results")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        data = fsdp_speed(args.fsdp_models, processes=args.processes, batch=args.batch_size or 64,
+                          rounds=args.repeats, steps=args.steps or 4, threads=args.threads,
+                          scratch=out)  # fmt: skip
+    except ValueError as error:
+        raise BenchError(str(error)) from None
+    lines.append(format_fsdp_speed(data))
+    print(lines[-1])
+    _write(args, f"fsdp_speed_t{args.threads}", lines, data)
+    return 0
+
+
+def _sharded_store(args: argparse.Namespace) -> int:
+    """``--threads`` per process; ``--batch-size`` rows per process and call."""
+    _positive(threads=args.threads, repeats=args.repeats, batch_size=args.batch_size,
+              worlds=min(args.worlds))  # fmt: skip
+    try:
+        cases = [tuple(int(n) for n in case.lower().split("x")) for case in args.store_cases]
+        if any(len(case) != 2 or min(case) < 1 for case in cases):
+            raise ValueError
+    except ValueError:
+        raise BenchError(
+            f"--store-cases takes NxC pairs such as 50000x10, got {args.store_cases}"
+        ) from None
+    lines = [fsdp_header(_command(args))]
+    print(lines[0], flush=True)
+    out = Path(args.out or "benchmarks/results")
+    out.mkdir(parents=True, exist_ok=True)
+    data = sharded_store(args.worlds, cases, batch=args.batch_size or 128, calls=args.repeats,
+                         threads=args.threads, scratch=out,
+                         log=lambda text: (lines.append(text), _print(text)))  # fmt: skip
+    _write(args, f"sharded_store_t{args.threads}", lines, data)
     return 0
