@@ -223,9 +223,8 @@ class ShardedSAF:
         fields = incoming.split([8, *(_row_bytes(part) for part in rows)], dim=1)
         local = _as_type(fields[0], torch.long, ()) - self.low
         got = tuple(_as_type(f, p.dtype, p.shape[1:]) for f, p in zip(fields[1:], rows))
-        result = self.store.exchange_rows(got, local, self.epoch, record)
-        found, found_valid = result.rows, result.valid
-        reply = [_bytes_of(found_valid.to(torch.uint8)), *(_bytes_of(p) for p in found)]
+        read = self.store.exchange_rows(got, local, self.epoch, record)  # the owner's part
+        reply = [_bytes_of(read.valid.to(torch.uint8)), *(_bytes_of(p) for p in read.rows)]
         answers = _all_to_all(torch.cat([r.to(device) for r in reply], dim=1), sent,
                               received, group)  # fmt: skip
         fields = answers.split([1, *(_row_bytes(part) for part in rows)], dim=1)
@@ -236,7 +235,7 @@ class ShardedSAF:
             target = torch.empty_like(part)
             target[order] = _as_type(field, part.dtype, part.shape[1:])
             targets.append(target)
-        counts = torch.stack([valid.sum(), result.skipped.to(device)])
+        counts = torch.stack([valid.sum(), read.skipped.to(device)])
         if processes > 1:
             dist.all_reduce(counts, group=group)
         count = counts[0]
