@@ -1,13 +1,26 @@
-"""Shared by the command-line tests: a tiny training run's flags, and the ``flatmin``
-command run as a real process (optionally with an installed package hidden)."""
+"""Shared by the command-line tests: a tiny training run's flags, an output path that
+cannot be created, and the ``flatmin`` command run as a real process (optionally with an
+installed package hidden)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 TINY = ["--dataset", "digits", "--model", "mlp", "--subset", "64", "--batch-size", "32"]
+
+
+def uncreatable(tmp_path: Path) -> str:
+    """A path under which no directory can be made: sysfs refuses even root, and a
+    read-only directory refuses anyone else."""
+    if os.geteuid() == 0:
+        return "/sys/flatmin-test-out"
+    (tmp_path / "ro").mkdir(mode=0o500)
+    return str(tmp_path / "ro" / "out")
+
 
 # Runs `flatmin ARGS...` with the modules named in HIDDEN made unimportable, as on a
 # machine where the optional extra that provides them was not installed.

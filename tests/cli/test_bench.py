@@ -5,6 +5,7 @@ import pytest
 from flatmin.cli import main
 from flatmin.cli.bench import MODES, PRESETS
 from flatmin.train.models import build_model
+from tests.cli.helpers import uncreatable
 from tests.helpers import assert_one_line_error
 
 
@@ -66,6 +67,45 @@ def test_speed_refuses_bad_counts_before_timing(tmp_path, capsys, option, messag
     assert main(argv) == 2
     assert_one_line_error(capsys.readouterr().err, "flatmin bench speed: error:", message)
     assert list(tmp_path.iterdir()) == []
+
+
+# Each benchmark with its output flag and the smallest options it accepts.
+_OUTPUTS = {
+    "demo": ("--out", ["--seeds", "1", "--epochs", "1", "--threads", "1"]),
+    "speed": ("--out", ["--models", "cnn1d", "--methods", "sgd", "--repeats", "1", "--steps", "1"]),
+    "accuracy": ("--out", ["--sections", "fmnist-search", "--seeds", "1", "--epochs", "1"]),
+    "accuracy --report": ("--results", ["--out", "RUNS"]),
+    "figures": ("--out", ["--runs", "RUNS"]),
+    "topk-speed": (
+        "--out",
+        ["--classes", "12", "--top-k", "3", "--samples", "64", "--repeats", "1"],
+    ),
+    "topk-memory": ("--out", []),
+    "fsdp-speed": ("--out", ["--fsdp-models", "mlp", "--repeats", "1", "--steps", "1"]),
+    "sharded-store": ("--out", ["--worlds", "1", "--store-cases", "11x7", "--repeats", "1"]),
+}
+
+
+@pytest.mark.parametrize("benchmark", list(_OUTPUTS))
+@pytest.mark.parametrize("unusable", ["a file", "cannot be created"])
+def test_an_output_path_that_cannot_be_used_is_refused_before_any_work(tmp_path, capsys,
+                                                                       benchmark, unusable):  # fmt: skip
+    flag, options = _OUTPUTS[benchmark]
+    if unusable == "a file":
+        out = tmp_path / "notes"
+        out.write_text("my notes\n")
+        message = f"{flag} {out} is a file, not a directory"
+    else:
+        out = uncreatable(tmp_path)
+        message = f"{flag} {out} cannot be created"
+    options = [str(tmp_path) if o == "RUNS" else o for o in options]
+    assert main(["bench", *benchmark.split(), *options, flag, str(out)]) == 2
+    captured = capsys.readouterr()
+    name = benchmark.split()[0]
+    assert_one_line_error(captured.err, f"flatmin bench {name}: error: {message}")
+    assert captured.out == ""  # nothing was run, so nothing was reported
+    if unusable == "a file":
+        assert out.read_text() == "my notes\n"
 
 
 def test_figures_without_runs_says_where_it_looked(tmp_path, capsys):

@@ -16,6 +16,7 @@ from flatmin.train.config import TrainConfig
 from flatmin.train.data import load_dataset
 from flatmin.train.loop import Trainer
 from flatmin.train.models import build_model
+from tests.cli.helpers import uncreatable
 from tests.helpers import assert_one_line_error, flip_a_stored_byte, truncate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -144,6 +145,38 @@ def test_measure_refuses_bad_options_before_writing(checkpoint, tmp_path, capsys
     assert main(argv) == 2
     assert_one_line_error(capsys.readouterr().err, message)
     assert not (tmp_path / "m").exists()
+
+
+def test_measure_refuses_an_out_that_is_a_file_before_measuring(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    (tmp_path / "m").write_text("my notes\n")
+    argv = ["measure", str(path), "--out", str(tmp_path / "m"), "--sharpness"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(
+        captured.err, "flatmin measure: error: --out", "is a file, not a directory"
+    )
+    assert captured.out == ""  # no measurement was printed: none was made
+    assert (tmp_path / "m").read_text() == "my notes\n"
+
+
+def test_measure_refuses_an_out_that_cannot_be_created(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    out = uncreatable(tmp_path)
+    assert main(["measure", str(path), "--out", out, "--sharpness"]) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, f"flatmin measure: error: --out {out} cannot be created")
+    assert captured.out == ""
+
+
+def test_measure_leaves_no_out_behind_when_the_checkpoint_is_refused(checkpoint, tmp_path,
+                                                                     capsys):  # fmt: skip
+    path, _ = checkpoint
+    truncate(path)
+    out = tmp_path / "a" / "b" / "m"
+    assert main(["measure", str(path), "--out", str(out), "--sharpness"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "cannot be read as a checkpoint")
+    assert list(tmp_path.iterdir()) == [path]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

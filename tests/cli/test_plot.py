@@ -9,6 +9,8 @@ import pytest
 
 from flatmin.cli import main
 from flatmin.cli.plot import read_run_curves, read_runs
+from tests.cli.helpers import uncreatable
+from tests.helpers import assert_one_line_error
 
 
 def _write_run(path, method, sharpness=True, epochs=4):
@@ -57,3 +59,20 @@ def test_cli_rejects_a_broken_run_dir(tmp_path, capsys, content):
     assert main(["plot", str(run), "--out", str(tmp_path / "x.png")]) == 2
     assert "flatmin plot:" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_refuses_an_out_that_is_a_directory(tmp_path, capsys):
+    run = _write_run(tmp_path / "a", "sgd")
+    (tmp_path / "fig").mkdir()
+    assert main(["plot", str(run), "--out", str(tmp_path / "fig")]) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, "flatmin plot: error: --out", "is a directory, not a file")
+    assert captured.out == "" and list((tmp_path / "fig").iterdir()) == []
+
+
+def test_cli_refuses_an_out_that_cannot_be_created(tmp_path, capsys):
+    run = _write_run(tmp_path / "a", "sgd")
+    for out in (f"{uncreatable(tmp_path)}/runs.png", "/proc/nope/x.png"):
+        assert main(["plot", str(run), "--out", out]) == 2
+        assert_one_line_error(capsys.readouterr().err, f"flatmin plot: error: --out {out} cannot "
+                              "be created")  # fmt: skip

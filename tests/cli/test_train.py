@@ -16,7 +16,7 @@ from flatmin.distributed.launch import free_port
 from flatmin.train.checkpoint import load_run
 from flatmin.train.lock import RunLock
 from flatmin.train.registry import METHODS
-from tests.cli.helpers import TINY, flatmin
+from tests.cli.helpers import TINY, flatmin, uncreatable
 from tests.helpers import (
     assert_one_line_error,
     assert_runs_equal,
@@ -298,11 +298,7 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
 
 
 def test_an_out_that_cannot_be_created_is_refused(tmp_path, capsys):
-    if os.geteuid() == 0:  # root writes anywhere on disk; sysfs refuses even root
-        out = "/sys/flatmin-test-run"
-    else:
-        (tmp_path / "ro").mkdir(mode=0o500)
-        out = str(tmp_path / "ro" / "run")
+    out = uncreatable(tmp_path)
     assert main(["train", *TINY, "--epochs", "1", "--out", out]) == 2
     assert_one_line_error(capsys.readouterr().err, f"--out {out} cannot be created")
 

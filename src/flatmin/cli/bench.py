@@ -4,7 +4,8 @@ Each benchmark is a function here that checks its options, calls the benchmark's
 module in ``flatmin.bench`` and prints what it found; it is listed in
 ``PRESETS`` or ``MODES`` with a one-line description. The options every
 benchmark shares (output directory, seeds, epochs, threads, progress bars) are defined
-once, each benchmark's own in a group of its own.
+once, each benchmark's own in a group of its own. Bad options and an output directory
+that cannot be written end the command with one line and exit status 2, before any work.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from flatmin.bench.topk import (
     store_speed,
 )
 from flatmin.bench.workload import CASES
+from flatmin.cli._out import check_out
 from flatmin.train.registry import METHODS
 
 PRESETS = {"demo": "SGD, SAM, SAF and MESA on MNIST-1D with 40 % label noise, 3 seeds"}
@@ -116,6 +118,15 @@ def _error(message: str, benchmark: str | None = None) -> int:
     return 2
 
 
+def _out(path: str | Path, flag: str = "--out") -> Path:
+    """The output directory ``path``, refused (:class:`BenchError`) if it cannot be one."""
+    try:
+        check_out(Path(path), flag=flag)
+    except ValueError as error:
+        raise BenchError(str(error)) from None
+    return Path(path)
+
+
 def _command(args: argparse.Namespace) -> str:
     return " ".join(getattr(args, "argv", None) or ["flatmin", *sys.argv[1:]])
 
@@ -129,12 +140,12 @@ def _print(line: str) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     preset = DemoPreset()
-    out = Path(args.out if args.out is not None else "runs/demo")
     seeds = preset.seeds if args.seeds is None else args.seeds
     epochs = preset.epochs if args.epochs is None else args.epochs
     processes = args.threads
     if seeds < 1 or epochs < 1 or processes < 1:
         raise BenchError("--seeds, --epochs and --threads must be >= 1")
+    out = _out(args.out if args.out is not None else "runs/demo")
     title = (
         f"MNIST-1D, {preset.label_noise:.0%} symmetric label noise, {preset.model}, "
         f"{epochs} epochs, {seeds} seed{'s' if seeds > 1 else ''}"
@@ -194,6 +205,7 @@ def _speed(args: argparse.Namespace) -> int:
                         ("--batch-size", args.batch_size)):  # fmt: skip
         if value is not None and value < 1:
             raise BenchError(f"{flag} must be an integer >= 1, got {value}")
+    out = _out(args.out or "benchmarks/results")
     torch.set_num_threads(args.threads)
     try:
         text, data = run_speed(
@@ -208,7 +220,7 @@ def _speed(args: argparse.Namespace) -> int:
     stem = f"speed_{'-'.join(args.models)}_t{args.threads}"
     if args.channels_last_inputs:
         stem += "_cl"
-    print(f"wrote {write_speed(Path(args.out or 'benchmarks/results'), text, data, stem)}")
+    print(f"wrote {write_speed(out, text, data, stem)}")
     return 0
 
 
@@ -248,6 +260,9 @@ def _accuracy(args: argparse.Namespace) -> int:
             )
         sections = tuple(s for s in sections if s.name in args.sections)
     root = Path(args.out or f"runs/bench-accuracy-{args.study}")
+    _out(args.results, "--results")
+    if not args.report:  # --report only reads the runs
+        _out(root)
     jobs, missing = plan(sections, METHODS, args.seeds)
     if not args.report:
         print(f"{len(jobs)} runs in {root}; not registered (left out): {missing or 'none'}")
@@ -290,8 +305,8 @@ def _figures_options(group: argparse._ArgumentGroup) -> None:
 def _figures(args: argparse.Namespace) -> int:
     if args.surface_steps < 2:
         raise BenchError(f"--surface-steps must be an integer >= 2, got {args.surface_steps}")
+    out = _out(args.out or "benchmarks")
     started = time.perf_counter()
-    out = Path(args.out or "benchmarks")
     for path in draw_figures(Path(args.runs) / args.section, out, args.surface_steps, args.prefix):
         print(path)
     print(f"wall time {time.perf_counter() - started:.0f} s")
@@ -327,6 +342,7 @@ def _positive(**values: int | None) -> None:
 def _topk_speed(args: argparse.Namespace) -> int:
     _positive(threads=args.threads, repeats=args.repeats, samples=args.samples,
               batch_size=args.batch_size, classes=min(args.classes), top_k=min(args.top_k))  # fmt: skip
+    out = _out(args.out or "benchmarks/results")
     torch.set_num_threads(args.threads)
     lines = [header(_command(args))]
     print(lines[0], flush=True)
@@ -339,7 +355,6 @@ def _topk_speed(args: argparse.Namespace) -> int:
         raise BenchError(str(error)) from None
     lines.append(f"wall time {time.perf_counter() - started:.0f} s")
     print(lines[-1])
-    out = Path(args.out or "benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"topk_speed_t{args.threads}"
     stem.with_suffix(".txt").write_text("\n\n".join(lines) + "\n")
@@ -354,7 +369,7 @@ def _topk_memory(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.memmap_samples < 0:
         raise BenchError(f"--memmap-samples must be >= 0, got {args.memmap_samples}")
-    out = Path(args.out or "benchmarks/results")
+    out = _out(args.out or "benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     table = memory_table(ks)
     lines = [header(_command(args)), format_memory(table, ks, lag=3)]
@@ -385,8 +400,7 @@ def _fsdp_options(group: argparse._ArgumentGroup) -> None:
                        "(default: 50000x10 20000x1000)")  # fmt: skip
 
 
-def _write(args: argparse.Namespace, stem: str, lines: list[str], data: dict) -> None:
-    out = Path(args.out or "benchmarks/results")
+def _write(out: Path, args: argparse.Namespace, stem: str, lines: list[str], data: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.txt").write_text("\n\n".join(lines) + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"command": _command(args), **data}, indent=1))
@@ -399,9 +413,9 @@ def _fsdp_speed(args: argparse.Namespace) -> int:
               batch_size=args.batch_size)  # fmt: skip
     if args.processes < 2:
         raise BenchError(f"--processes must be >= 2, got {args.processes}")
+    out = _out(args.out or "benchmarks/results")
     lines = [fsdp_header(_command(args))]
     print(lines[0], flush=True)
-    out = Path(args.out or "benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     try:
         data = fsdp_speed(args.fsdp_models, processes=args.processes, batch=args.batch_size or 64,
@@ -411,7 +425,7 @@ def _fsdp_speed(args: argparse.Namespace) -> int:
         raise BenchError(str(error)) from None
     lines.append(format_fsdp_speed(data))
     print(lines[-1])
-    _write(args, f"fsdp_speed_t{args.threads}", lines, data)
+    _write(out, args, f"fsdp_speed_t{args.threads}", lines, data)
     return 0
 
 
@@ -427,12 +441,12 @@ def _sharded_store(args: argparse.Namespace) -> int:
         raise BenchError(
             f"--store-cases takes NxC pairs such as 50000x10, got {args.store_cases}"
         ) from None
+    out = _out(args.out or "benchmarks/results")
     lines = [fsdp_header(_command(args))]
     print(lines[0], flush=True)
-    out = Path(args.out or "benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     data = sharded_store(args.worlds, cases, batch=args.batch_size or 128, calls=args.repeats,
                          threads=args.threads, scratch=out,
                          log=lambda text: (lines.append(text), _print(text)))  # fmt: skip
-    _write(args, f"sharded_store_t{args.threads}", lines, data)
+    _write(out, args, f"sharded_store_t{args.threads}", lines, data)
     return 0

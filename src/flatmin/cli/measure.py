@@ -14,9 +14,10 @@ split, and writes ``summary.json`` (every number, with the samples, seeds and it
 it used) and the PNGs of the landscape and noise curve into ``--out``.
 
 The loss is the plain cross-entropy (no label smoothing or weight decay), in eval
-mode unless ``--train-mode-bn``. Every option is checked, and the checkpoint loaded,
-before anything is written: a bad value, an unavailable device or an unreadable,
-corrupted or foreign checkpoint ends the command with one line and exit status 2.
+mode unless ``--train-mode-bn``. Every option is checked (``--out`` first of all), and
+the checkpoint loaded, before anything is measured or written: a bad value, an unusable
+``--out``, an unavailable device or an unreadable, corrupted or foreign checkpoint ends
+the command with one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from flatmin.cli._out import check_out
 from flatmin.measure import (
     gaussian_noise_curve,
     hessian_eigenvalues,
@@ -118,7 +120,9 @@ def _progress(description: str) -> Callable[[Iterable], Iterable]:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse a bad option value or an unusable device (``ValueError``, one line)."""
+    """Refuse an unusable ``--out``, a bad option value or an unusable device
+    (``ValueError``, one line)."""
+    check_out(args.out)
     check_real("--rho", args.rho, minimum=0.0)
     check_real("--tol", args.tol, minimum=0.0, exclusive_minimum=True)
     check_real("--span", args.span, minimum=0.0, exclusive_minimum=True)

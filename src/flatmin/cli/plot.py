@@ -4,7 +4,8 @@ Each run directory holds ``metrics.jsonl`` (one JSON object per epoch with ``epo
 ``train_loss``, ``test_acc`` and, when the run tracked it, ``sharpness``) and
 ``config.json`` (whose ``method`` labels the run). The figure has training loss, test
 accuracy and — when any run has it — the SAM sharpness per epoch, as in the SAF
-paper's Figure 3.
+paper's Figure 3. An ``--out`` that cannot be written, like a run directory that cannot
+be read, ends the command with one line and exit status 2 before anything is drawn.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from flatmin.cli._out import check_out
 from flatmin.measure.plots import RunCurves, plot_runs
 
 # The run files' names (flatmin.train.checkpoint), not imported: plotting needs no trainer.
@@ -79,6 +81,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_out(args.out, kind="file")
         runs = read_runs(args.run_dirs)
     except (FileNotFoundError, ValueError) as error:
         print(f"flatmin plot: error: {error}", file=sys.stderr)

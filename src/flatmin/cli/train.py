@@ -40,6 +40,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from flatmin.cli._out import check_out
 from flatmin.distributed.launch import init_from_env, leave_group
 from flatmin.train import checkpoint as ckpt
 from flatmin.train.config import DEFAULT_MODELS, SCHEDULES, TrainConfig, resume_conflicts
@@ -216,18 +217,6 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     if reasons:
         raise ValueError(f"cannot resume {out}: " + "; ".join(reasons))
     return TrainConfig.from_dict(requested), out
-
-
-def check_out(out: Path) -> None:
-    """Refuse a run directory that cannot be one, before anything is built."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--out {out} cannot be created: {error.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out} is not writable")
 
 
 def run(args: argparse.Namespace) -> int:
