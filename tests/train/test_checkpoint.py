@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 
 import pytest
@@ -67,6 +68,18 @@ def test_unreadable_and_foreign_files_get_one_line(copy, damage, message):
         ckpt.load_checkpoint(path)
     text = str(info.value)
     assert "\n" not in text and "weights_only" not in text
+
+
+@pytest.mark.parametrize("protocol", [2, 4, pickle.HIGHEST_PROTOCOL])
+def test_a_plain_pickle_gets_the_one_line_and_nothing_else(tmp_path, recwarn, capsys,
+                                                           protocol):  # fmt: skip
+    path = tmp_path / "checkpoint.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {}, "epoch": 3}, f, protocol=protocol)
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read as a checkpoint"):
+        ckpt.load_checkpoint(path)
+    assert [str(w.message) for w in recwarn] == []
+    assert capsys.readouterr() == ("", "")
 
 
 def test_resume_refuses_another_number_of_processes(run_dir):

@@ -155,13 +155,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint onto the CPU (``weights_only=True``) and check its keys and checksum.
 
     ``FileNotFoundError`` if there is no file; :class:`CheckpointError` (a ``ValueError``
-    with a one-line message) for a truncated, corrupted or foreign file.
+    with a one-line message, and no warning from ``torch.load`` before it) for a
+    truncated, corrupted or foreign file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about what it finds in a foreign file (e.g. "Detected pickle protocol
+        # 4") before failing; the one-line error below says all the user needs.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many kinds; none is the user's bug
         raise CheckpointError(
             f"{path} cannot be read as a checkpoint ({type(error).__name__}): the file is "
