@@ -16,7 +16,7 @@ from flatmin.train.config import TrainConfig
 from flatmin.train.data import load_dataset
 from flatmin.train.loop import Trainer
 from flatmin.train.models import build_model
-from tests.cli.helpers import uncreatable
+from tests.cli.helpers import flatmin, uncreatable
 from tests.helpers import assert_one_line_error, flip_a_stored_byte, truncate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -177,6 +177,22 @@ def test_measure_leaves_no_out_behind_when_the_checkpoint_is_refused(checkpoint,
     assert main(["measure", str(path), "--out", str(out), "--sharpness"]) == 2
     assert_one_line_error(capsys.readouterr().err, "cannot be read as a checkpoint")
     assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("figure", [["--landscape", "1d"], ["--noise"]])
+def test_measure_names_the_missing_plot_extra_before_measuring(checkpoint, tmp_path, figure):
+    path, _ = checkpoint
+    out = tmp_path / "m"
+    argv = ["measure", str(path), "--out", str(out), "--sharpness", *figure,
+            "--max-batches", "1", "--steps", "3", "--noise-repeats", "1"]  # fmt: skip
+    done = flatmin(argv, hidden=["matplotlib"])
+    assert done.returncode == 2, done.stderr
+    assert_one_line_error(
+        done.stderr, "optional package 'matplotlib'", "pip install 'flatmin[plot]'"
+    )
+    assert done.stdout == ""  # the sharpness was not measured either
+    assert not out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -16,8 +16,9 @@ it used) and the PNGs of the landscape and noise curve into ``--out``.
 The loss is the plain cross-entropy (no label smoothing or weight decay), in eval
 mode unless ``--train-mode-bn``. Every option is checked (``--out`` first of all), and
 the checkpoint loaded, before anything is measured or written: a bad value, an unusable
-``--out``, an unavailable device or an unreadable, corrupted or foreign checkpoint ends
-the command with one line and exit status 2.
+``--out``, an unavailable device, figures asked for without the ``flatmin[plot]`` extra or
+an unreadable, corrupted or foreign checkpoint ends the command with one line and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -121,7 +122,10 @@ def _progress(description: str) -> Callable[[Iterable], Iterable]:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse an unusable ``--out``, a bad option value or an unusable device
-    (``ValueError``, one line)."""
+    (``ValueError``, one line); ``ModuleNotFoundError`` when ``--landscape`` or ``--noise``
+    asks for figures and matplotlib (the ``flatmin[plot]`` extra) is not installed."""
+    if args.landscape or args.noise:
+        import matplotlib  # noqa: F401 - optional (flatmin[plot]); its absence is named by main()
     check_out(args.out)
     check_real("--rho", args.rho, minimum=0.0)
     check_real("--tol", args.tol, minimum=0.0, exclusive_minimum=True)
