@@ -1,12 +1,14 @@
 """Helpers shared by test packages: one bit-exact resume assertion for every stateful part,
 the comparison of two training runs' checkpoints, files damaged as disks and copies damage
-them, and the shape of a one-line error."""
+them, the shape of a one-line error, and a process umask set for a block."""
 
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +116,14 @@ def assert_one_line_error(stderr: str, *expected: str) -> None:
     assert "Traceback" not in stderr and "weights_only" not in stderr, stderr
     for text in expected:
         assert text in lines[0], stderr
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[int]:
+    """Set the process umask to ``mask`` in the block; yields the mode ``open()`` then
+    gives a new file (``0o666`` less the mask)."""
+    previous = os.umask(mask)
+    try:
+        yield 0o666 & ~mask
+    finally:
+        os.umask(previous)

@@ -23,6 +23,7 @@ from tests.helpers import (
     assert_trees_equal,
     flip_a_stored_byte,
     truncate,
+    umask,
 )
 
 
@@ -301,6 +302,14 @@ def test_an_out_that_cannot_be_created_is_refused(tmp_path, capsys):
     out = uncreatable(tmp_path)
     assert main(["train", *TINY, "--epochs", "1", "--out", out]) == 2
     assert_one_line_error(capsys.readouterr().err, f"--out {out} cannot be created")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o007])
+def test_run_files_get_the_mode_open_gives(tmp_path, mask):
+    with umask(mask) as mode:
+        assert _train(tmp_path, "--epochs", "1", "--quiet") == 0
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == mode, name
 
 
 # --- resuming -------------------------------------------------------------------------

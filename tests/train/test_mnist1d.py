@@ -6,6 +6,7 @@ import numpy as np
 from mnist1d.data import get_dataset_args, make_dataset
 
 from flatmin.train._mnist1d import cache_path, default_cache_dir, load_mnist1d
+from tests.helpers import umask
 
 
 def test_generates_the_standard_split_and_caches_it(tmp_path):
@@ -72,3 +73,10 @@ def test_a_truncated_cache_is_regenerated(tmp_path):
     for key in good:
         np.testing.assert_array_equal(again[key], good[key])
     assert path.read_bytes() == raw  # and the cache is whole again
+
+
+def test_the_cache_gets_the_mode_open_gives(tmp_path):
+    with umask(0o022) as mode:
+        _, path = load_mnist1d(tmp_path)
+    assert path.stat().st_mode & 0o777 == mode == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left

@@ -12,11 +12,12 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from flatmin.train._files import atomic_write
 
 _KEYS = ("x", "y", "x_test", "y_test")
 
@@ -77,19 +78,12 @@ def load_mnist1d(cache_dir: Path) -> tuple[dict[str, np.ndarray], Path]:
     """The standard MNIST-1D arrays and the cache file they came from (written if absent).
 
     The file is written atomically (temporary file, then rename), so concurrent runs never
-    see a half-written cache; an unreadable cache is regenerated.
+    see a half-written cache, with the permissions ``open()`` gives (``0o666`` less the
+    umask); an unreadable cache is regenerated.
     """
     path = cache_path(cache_dir)
     arrays = _read_cache(path) if path.is_file() else None
     if arrays is None:
         arrays = generate()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.savez(f, **arrays))
     return arrays, path

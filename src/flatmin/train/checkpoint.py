@@ -3,9 +3,10 @@
 A run directory holds ``checkpoint.pt`` (the whole training state after the last
 complete epoch), ``metrics.jsonl`` (one JSON object per completed epoch) and
 ``config.json`` (the exact configuration). Every file is written to a temporary file in
-the same directory and moved into place with :func:`os.replace`, which is atomic on
-POSIX and Windows: a run killed at any instant (Ctrl-C, out of memory, power loss after
-the rename) leaves the previous complete version of each file, never a torn one.
+the same directory and moved into place with :func:`os.replace` (:func:`atomic_write`),
+which is atomic on POSIX and Windows: a run killed at any instant (Ctrl-C, out of memory,
+power loss after the rename) leaves the previous complete version of each file, never a
+torn one. The files get the permissions ``open()`` gives (``0o666`` less the umask).
 
 The checkpoint is a ``torch.save``'d dict with the keys in :data:`CHECKPOINT_KEYS`. It
 holds only tensors and plain Python values, so ``torch.load(path)`` with the default
@@ -37,22 +38,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import signal
-import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from flatmin.train._files import atomic_write
 from flatmin.train.config import TrainConfig, resume_conflicts
 from flatmin.train.data import DatasetBundle
 from flatmin.train.models import build_model
@@ -75,22 +75,6 @@ CHECKPOINT_KEYS = (
 
 class CheckpointError(ValueError):
     """A file that cannot be used as a flatmin checkpoint (unreadable, foreign, corrupted)."""
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextmanager
