@@ -114,3 +114,25 @@ def test_folding_the_first_pass_check_lets_an_outside_scaler_skip_the_step():
     assert scaler.get_scale() == 2.0**9
     opt.abandon_step()  # what the skip leaves to do
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("first_scaler", [None, "another"])
+def test_a_scaler_that_first_step_did_not_get_is_refused_with_nothing_lost(first_scaler):
+    # USAM's ε from a gradient scaled by 2**10 would be 2**10 times too large.
+    x, y = data()
+    model, opt = setup(normalize=False)
+    w = [p.detach().clone() for p in model.parameters()]
+    scaler = CountingScaler("cpu", init_scale=2.0**10)
+    first = CountingScaler("cpu", init_scale=2.0**10) if first_scaler else None
+    loss = nn.functional.cross_entropy(model(x), y)
+    (loss if first is None else first.scale(loss)).backward()
+    opt.first_step(zero_grad=True, grad_scaler=first)
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    with pytest.raises(ValueError, match="second_step got a grad_scaler but first_step got"):
+        opt.second_step(zero_grad=True, grad_scaler=scaler)
+    assert scaler.unscale_calls == 0
+    assert opt.is_perturbed and not opt.base_optimizer.state
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), perturbed))
+    opt.abandon_step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))

@@ -4,11 +4,15 @@
 ``None`` (SAM, ``T = 1``), ``"weights"`` (the official form: ``T_w = |w| + η`` on
 parameters whose name contains ``weight``) or ``"all"`` (the popular port's form:
 ``|w| + η`` on every parameter); ``eta`` its η, whose default depends on the form.
+The options of the engine itself (``model``, ``max_grad_norm``, StableSAM's cap) are
+checked once, by :func:`check_engine_options`.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from torch import nn
 
 from flatmin.optim._checks import check_choice, check_real
 
@@ -42,3 +46,28 @@ def check_group_settings(group: dict[str, Any]) -> None:
     check_rho(group["rho"])
     check_adaptive(group["adaptive"])
     check_eta(group["eta"])
+
+
+def check_engine_options(
+    params: list[Any], model: Any, max_grad_norm: Any, stable: bool, stable_cap: bool
+) -> None:
+    """The SAM engine's own constructor options: a non-empty parameter list, ``model`` an
+    ``nn.Module`` or None, ``max_grad_norm`` None or > 0, ``stable_cap`` only with
+    ``stable``."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            "model must be the nn.Module being trained (its BatchNorm statistics are kept "
+            f"to the first pass), got {type(model).__name__}"
+        )
+    if max_grad_norm is not None:
+        check_real("max_grad_norm", max_grad_norm, minimum=0.0, exclusive_minimum=True)
+    if stable_cap and not stable:
+        raise ValueError(
+            "stable_cap=True caps StableSAM's factor, which only stable=True applies: "
+            "pass stable=True as well, or leave stable_cap off"
+        )
+    if not params:
+        raise ValueError(
+            "SAM got an empty parameter list: pass model.parameters() (or a list of "
+            "param groups) of a model that has parameters"
+        )

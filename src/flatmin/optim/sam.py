@@ -58,16 +58,10 @@ Two ways to drive a step:
 statistics to the first pass; a framework that calls ``optimizer.step(closure)`` itself
 (Lightning, accelerate) then gets this without passing anything.
 
-Mixed precision: under ``torch.autocast`` nothing changes. With a
-``torch.amp.GradScaler``, scale both losses and pass the scaler to **both**
-``first_step`` and ``second_step`` (or to ``step``, whose closure scales its loss):
-``first_step`` divides the scale out of ε (USAM's ``ε = ρ·g`` taken from a scaled
-gradient would be as many times too large as the scale), ``second_step`` unscales once,
-and a non-finite gradient in either pass skips the step with weights and optimizer
-state untouched. On a CPU the device type is ``"cpu"`` (for the scaler and for
-``torch.autocast``, with ``dtype=torch.bfloat16``); ``"cuda"`` there disables both. Gradient accumulation: ``backward`` on every micro-batch before each of the
-two steps, or every micro-batch inside the one closure of ``step``; ε comes from the
-accumulated gradient. ``step(closure)`` refuses gradients accumulated *outside* its
+Mixed precision: pass a ``torch.amp.GradScaler`` to both passes, or to ``step``
+(``flatmin.optim._grad_scaler``). Gradient accumulation: ``backward`` on every
+micro-batch before each of the two steps, or every micro-batch inside the one closure of
+``step``; ε comes from the accumulated gradient. ``step(closure)`` refuses gradients accumulated *outside* its
 closure (``flatmin.optim._accumulation``). ``max_grad_norm`` clips the final
 direction, after unscaling, before the base step.
 
@@ -103,10 +97,10 @@ from flatmin.optim._buckets import (
     weighted,
 )
 from flatmin.optim._buffers import ReusableBuffers
-from flatmin.optim._checks import check_real
 from flatmin.optim._closure_step import ClosureStep
 from flatmin.optim._entry import step_entry
-from flatmin.optim._settings import DEFAULT_ETA, check_group_settings
+from flatmin.optim._grad_scaler import check_same_scaler, scale_of, unscale_and_check
+from flatmin.optim._settings import DEFAULT_ETA, check_engine_options, check_group_settings
 from flatmin.optim._state_dict import MethodStateDict
 
 
@@ -185,25 +179,9 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
         **base_kwargs: Any,
     ) -> None:
         check_factory(base_optimizer, SAM)
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(
-                "model must be the nn.Module being trained (its BatchNorm statistics are kept "
-                f"to the first pass), got {type(model).__name__}"
-            )
-        check_group_settings(dict(rho=rho, adaptive=adaptive, eta=eta))
-        if max_grad_norm is not None:
-            check_real("max_grad_norm", max_grad_norm, minimum=0.0, exclusive_minimum=True)
-        if stable_cap and not stable:
-            raise ValueError(
-                "stable_cap=True caps StableSAM's factor, which only stable=True applies: "
-                "pass stable=True as well, or leave stable_cap off"
-            )
         params = list(params)
-        if not params:
-            raise ValueError(
-                "SAM got an empty parameter list: pass model.parameters() (or a list of "
-                "param groups) of a model that has parameters"
-            )
+        check_engine_options(params, model, max_grad_norm, stable, stable_cap)
+        check_group_settings(dict(rho=rho, adaptive=adaptive, eta=eta))
         self.normalize = normalize
         self.stable = stable
         self.stable_cap = stable_cap
@@ -264,6 +242,7 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
         self._backup: list[list[Tensor]] | None = None
         self._grad_norm: Tensor | None = None
         self._first_finite: Tensor | None = None
+        self._first_scaler: Any = None
 
     def _params(self) -> list[Tensor]:
         """Every parameter, in param-group order (the state dict's numbering)."""
@@ -282,12 +261,8 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
         Args:
             zero_grad: set the gradients to None afterwards, ready for the second pass.
             grad_scaler: the ``torch.amp.GradScaler`` that scaled this pass's loss, if
-                any. ``ε`` is taken from the unscaled gradient: with ``normalize=True``
-                the scale cancels in ``g/‖g‖``, and for USAM (``ε = ρ·T²g``) the scale is
-                divided out, so ``‖ε‖`` is the same as without a scaler. Pass the same
-                scaler to :meth:`second_step`, which unscales ``g_s`` and skips the step
-                if either pass was not finite; handed to ``second_step`` only, USAM's ε
-                is as many times too large as the scale (65,536 at the start).
+                any: ε is taken from the unscaled gradient (the scale is divided out of
+                USAM's ``ε = ρ·T²g``). Pass the same scaler to :meth:`second_step`.
 
         Example (mixed precision on a CPU; ``"cuda"`` on a GPU, with ``torch.float16``):
 
@@ -325,7 +300,7 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
             factor = torch.where(finite & (grad_norm > 0), 1.0 / grad_norm, 0.0)
         else:
             factor = torch.where(finite, 1.0, 0.0).to(grad_norm.dtype)
-            factor = factor / _scale_of(grad_scaler, device)
+            factor = factor / scale_of(grad_scaler, device)
         self._backup = self._buffers.get("w", buckets)
         for b, saved, wg in zip(buckets, self._backup, weighted_grads):
             torch._foreach_copy_(saved, b.params)
@@ -334,6 +309,7 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
         self._buckets = buckets
         self._grad_norm = grad_norm
         self._first_finite = finite
+        self._first_scaler = grad_scaler
         if zero_grad:
             self.zero_grad()
 
@@ -346,10 +322,12 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
             grad_scaler: the ``torch.amp.GradScaler`` of both passes (the one given to
                 :meth:`first_step`): the gradients are unscaled once, and the step is
                 skipped, weights and optimizer state untouched, when either pass gave a
-                non-finite gradient. Call ``scaler.update()`` afterwards.
+                non-finite gradient. Call ``scaler.update()`` afterwards. A scaler that
+                ``first_step`` did not get is refused, the weights left at ``w + ε``.
         """
         if not self.is_perturbed:
             raise RuntimeError("second_step() needs a first_step() before it")
+        check_same_scaler(self._first_scaler, grad_scaler)
         with torch.no_grad():
             buckets = self._buckets
             for b in buckets:
@@ -368,12 +346,7 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
         """Apply the base optimizer to the direction ``d`` now in ``.grad`` (renormalised
         with ``stable``, averaged over replicas by :attr:`replica_mean` if set, unscaled,
         clipped), or skip it when ``finite`` is false; LookSAM's reuse steps use it too.
-        ``clean_norm`` is ``‖T g‖`` over ``buckets``, the tensors of the first pass.
-
-        The base optimizer is stepped directly. With a GradScaler: ``unscale_`` once (it
-        records what ``scaler.update()`` needs and refuses a second unscale), then the
-        step is skipped, as ``GradScaler.step`` would, when any unscaled gradient is not
-        finite (the first pass's verdict was folded into them)."""
+        ``clean_norm`` is ``‖T g‖`` over ``buckets``, the tensors of the first pass."""
         if self.stable:
             with torch.no_grad():
                 self._renormalize(buckets, clean_norm)
@@ -382,10 +355,7 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
         if self.replica_mean is not None:
             self.replica_mean([p.grad for p in self._params() if p.grad is not None])
         if grad_scaler is not None:
-            grad_scaler.unscale_(self)
-            grads = make_buckets(self.param_groups, adaptive_rule=False)
-            norm = global_norm([b.grads for b in grads], finite.device, shards_of(grads))
-            take = bool(torch.isfinite(norm))  # the same verdict on every shard's rank
+            take = unscale_and_check(grad_scaler, self, finite.device)
         else:
             take = not self.skip_nonfinite or bool(finite)
         if take:
@@ -477,11 +447,3 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
         if self.max_grad_norm is not None:
             with torch.no_grad():
                 clip_gradients_(self.param_groups, self.max_grad_norm, self._reference_device())
-
-
-def _scale_of(grad_scaler: Any, device: torch.device) -> Tensor:
-    """The GradScaler's current scale as a tensor (1 without a scaler), without syncing."""
-    scale = getattr(grad_scaler, "_scale", None) if grad_scaler is not None else None
-    if scale is None:
-        return torch.ones((), device=device)
-    return scale.to(device, torch.float32)
