@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from flatmin.distributed import spawn
-from tests.docs.helpers import MARKDOWN, docstring_blocks, markdown_blocks, run_blocks_in_processes
+from tests.docs.blocks import MARKDOWN, docstring_blocks, markdown_blocks
+from tests.docs.helpers import run_blocks_in_processes
 
 WORLD = 2
 

@@ -1,4 +1,4 @@
-"""Every example in a docstring of src/flatmin runs (tests/docs/helpers.py collects them).
+"""Every example in a docstring of src/flatmin runs (tests/docs/blocks.py collects them).
 
 A ``::`` literal block that compiles as Python, and every ``>>>`` block, is an example.
 It runs with what ``tests.docs.helpers.example_globals`` gives it (``torch``, ``nn``,
@@ -13,15 +13,8 @@ import importlib.util
 
 import pytest
 
-from tests.docs.helpers import (
-    PYTHON,
-    SHELL,
-    docstring_blocks,
-    example_globals,
-    namespace_for,
-    run_python,
-    run_script,
-)
+from tests.docs.blocks import PYTHON, SHELL, docstring_blocks
+from tests.docs.helpers import example_globals, namespace_for, run_python, run_script
 
 BLOCKS = docstring_blocks()
 EXAMPLES = [b for b in BLOCKS if b.lang in PYTHON or b.lang == "doctest"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import shlex
 
-from tests.docs.helpers import MARKDOWN, README, ROOT, SRC, markdown_blocks, shell_commands
+from tests.docs.blocks import MARKDOWN, README, ROOT, SRC, markdown_blocks
+from tests.docs.helpers import shell_commands
 
 
 def test_the_torch_versions_the_readme_names_are_the_ones_the_set_up_installs():
@@ -46,7 +47,8 @@ def test_the_cli_examples_in_docstrings_parse():
     """Shell examples in docstrings are not run (the README runs the same commands), but
     their flags must exist: each one is parsed by the command's real parser."""
     from flatmin.cli import build_parser
-    from tests.docs.helpers import docstring_blocks, flatmin_arguments
+    from tests.docs.blocks import docstring_blocks
+    from tests.docs.helpers import flatmin_arguments
 
     checked = 0
     for block in docstring_blocks():

@@ -19,15 +19,9 @@ import pytest
 import torch
 
 from flatmin.cli import build_parser, main
+from tests.docs.blocks import MARKDOWN, PYTHON, ROOT, SHELL, SRC, Block, markdown_blocks
 from tests.docs.helpers import (
-    MARKDOWN,
-    PYTHON,
-    ROOT,
-    SHELL,
-    SRC,
-    Block,
     flatmin_arguments,
-    markdown_blocks,
     namespace_for,
     reduced,
     run_python,

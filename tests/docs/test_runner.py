@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.docs.helpers import README, Block, markdown_blocks, namespace_for, run_python
+from tests.docs.blocks import README, Block, markdown_blocks
+from tests.docs.helpers import namespace_for, run_python
 
 
 def _run(code: str, **options: str) -> dict:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.docs.helpers import ROOT
+from tests.docs.blocks import ROOT
 
 pytest.importorskip("sphinx", reason="the docs extra is not installed (pip install '.[docs]')")
 
