@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from flatmin import SAF
 from flatmin.distributed.saf import DistributedSAF
-from tests.distributed.ddp_workers import (
+from tests.distributed.saf_workers import (
     SAF_EPOCHS,
     SAF_LAG,
     SAF_RANK_BATCH,

@@ -1,6 +1,6 @@
 """SAF's store sharded across processes (flatmin.distributed.sharded_saf).
 
-The spawned processes (``fsdp_workers.sharded_store_run``) drive a ShardedSAF and the
+The spawned processes (``sharded_saf_workers.sharded_store_run``) drive a ShardedSAF and the
 replicated DistributedSAF through the same calls under a reshuffling DistributedSampler
 (SAM's two passes per batch, read-only look-ups, rows too large for float16, samples
 repeated inside one global batch); here the results are compared with each other and with
@@ -17,7 +17,7 @@ import torch
 from flatmin import SAF
 from flatmin.distributed.sharded_checkpoint import load_sharded
 from flatmin.distributed.sharded_saf import ShardedSAF, block_of
-from tests.distributed.fsdp_workers import (
+from tests.distributed.sharded_saf_workers import (
     STORE_CASES,
     STORE_CLASSES,
     STORE_EPOCHS,
