@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -27,10 +28,15 @@ _COMMANDS = {
 EXTRAS = {"tqdm": "train", "mnist1d": "train", "sklearn": "train", "matplotlib": "plot"}
 
 
+def plain_text(rst: str) -> str:
+    """A line of reStructuredText as a terminal shows it: no literal quotes, no roles."""
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", rst).replace("``", "")
+
+
 def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, object | None]:
     """The parser, with the arguments of the command named in ``argv`` (and its module)."""
     parser = argparse.ArgumentParser(
-        prog="flatmin", description=__doc__.splitlines()[0].replace("``", "")
+        prog="flatmin", description=plain_text(__doc__.splitlines()[0])
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -40,6 +46,7 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, object |
         if name == chosen:
             module = importlib.import_module(module_name)
             module.configure(sub_parser)
+            sub_parser.description = plain_text(sub_parser.description or help_text)
     return parser, module
 
 
