@@ -16,8 +16,10 @@ See :func:`~flatmin.distributed.spawn` for an example.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
+import logging
 import os
 import pickle
 import signal
@@ -83,7 +85,7 @@ def spawn(
     if not callable(fn):
         raise TypeError(f"expected a callable fn(rank, world_size, *args), got {fn!r}")
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="flatmin-spawn-") as errors:
+    with tempfile.TemporaryDirectory(prefix="flatmin-spawn-") as errors, _quiet_clean_up():
         try:
             mp.start_processes(
                 _run_in_group,
@@ -98,6 +100,24 @@ def spawn(
             if original is None:
                 raise
             raise original from failure
+
+
+class _DropTermination(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Terminating process")
+
+
+@contextlib.contextmanager
+def _quiet_clean_up():
+    """Hide torch's "Terminating process N via signal SIGTERM" while it stops the other
+    processes after one failed: the failure itself is raised as one error."""
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    drop = _DropTermination()
+    spawn_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        spawn_log.removeFilter(drop)
 
 
 def _run_in_group(
