@@ -390,6 +390,25 @@ class TestBadInput:
                 opt = SAM([net.weight], torch.optim.SGD, **kw)
                 opt.add_param_group({"params": [net.bias], "eta": float("nan")})
 
+    @pytest.mark.parametrize("where", ["group", "added group", "group beside an adaptive one"])
+    def test_a_group_eta_without_an_adaptive_form_is_refused(self, where):
+        net = nn.Linear(2, 2)
+        lone = {"params": [net.bias], "eta": 0.5}
+        with pytest.raises(ValueError, match=r"a param group has eta=0.5.* no adaptive form"):
+            if where == "group":
+                SAM([{"params": net.parameters(), "eta": 0.5}], torch.optim.SGD, lr=0.1)
+            elif where == "added group":
+                SAM([net.weight], torch.optim.SGD, lr=0.1).add_param_group(lone)
+            else:
+                adaptive = {"params": [net.weight], "adaptive": "weights"}
+                SAM([adaptive, lone], torch.optim.SGD, lr=0.1)
+
+    def test_a_group_eta_with_the_constructor_s_adaptive_form_is_used(self):
+        net = nn.Linear(2, 2)
+        opt = SAM([{"params": net.parameters(), "eta": 0.5}], torch.optim.SGD,
+                  adaptive="all", lr=0.1)  # fmt: skip
+        assert opt.param_groups[0]["eta"] == 0.5
+
     def test_eta_without_an_adaptive_form(self):
         with pytest.raises(ValueError, match=r"eta=0.5 is ASAM's η .* no effect"):
             SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, eta=0.5, lr=0.1)

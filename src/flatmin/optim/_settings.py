@@ -41,6 +41,27 @@ def check_eta(eta: Any) -> None:
         check_real("eta", eta, minimum=0.0, hint="ASAM's η in T_w = |w| + η")
 
 
+def check_eta_has_a_form(groups: list[dict[str, Any]], eta: Any) -> None:
+    """Raise if the constructor's η is given but no group has an adaptive form."""
+    if eta is not None and not any(g["adaptive"] for g in groups):
+        raise ValueError(
+            f"eta={eta!r} is ASAM's η in T_w = |w| + η and has no effect without an "
+            "adaptive form: pass adaptive='weights' or 'all', or leave eta out"
+        )
+
+
+def check_group_eta_has_a_form(group: dict[str, Any], default_adaptive: Any) -> None:
+    """Raise if a param group gives its own η but has no adaptive form (its own, or
+    ``default_adaptive``, the constructor's): η would have no effect."""
+    eta = group.get("eta")
+    if eta is not None and group.get("adaptive", default_adaptive) is None:
+        raise ValueError(
+            f"a param group has eta={eta!r}, ASAM's η in T_w = |w| + η, but no adaptive "
+            "form, so it would have no effect: give the group adaptive='weights' or 'all' "
+            "as well, or leave its eta out"
+        )
+
+
 def check_group_settings(group: dict[str, Any]) -> None:
     """The SAM settings of a param group (or of a constructor's defaults)."""
     check_rho(group["rho"])

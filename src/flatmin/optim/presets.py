@@ -44,7 +44,9 @@ class StableSAM(SAM):
     """StableSAM (Tan et al., 2024): SAM with its update renormalised to ‖g‖.
 
     Default ρ = 0.05 as for SAM; ``normalize=False`` gives the USAM-based form that the
-    authors' code marks as the paper's, ``stable_cap=True`` the optional cap at 1:
+    authors' code marks as the paper's, ``stable_cap=True`` the optional cap at 1. With an
+    adaptive form both norms of ``γ = ‖T g‖/‖T g_s‖`` use the ``T`` of ``w``, where the
+    authors' code takes ``‖T g_s‖`` at ``w + ε`` (the reason is in :mod:`flatmin.optim.sam`):
 
     .. test: setup=model
 

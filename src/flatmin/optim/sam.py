@@ -100,7 +100,13 @@ from flatmin.optim._buffers import ReusableBuffers
 from flatmin.optim._closure_step import ClosureStep
 from flatmin.optim._entry import step_entry
 from flatmin.optim._grad_scaler import check_same_scaler, scale_of, unscale_and_check
-from flatmin.optim._settings import DEFAULT_ETA, check_engine_options, check_group_settings
+from flatmin.optim._settings import (
+    DEFAULT_ETA,
+    check_engine_options,
+    check_eta_has_a_form,
+    check_group_eta_has_a_form,
+    check_group_settings,
+)
 from flatmin.optim._state_dict import MethodStateDict
 
 
@@ -144,9 +150,8 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
     Traits (what code driving any member of the family relies on):
         uses_clean_gradient: True when the update uses the first-pass gradient ``g``
             besides ``g_s`` — here when ``stable`` (StableSAM's ``‖T g‖``); always for
-            GSAM and LookSAM. Under per-process ε,
-            :func:`flatmin.distributed.sam_step` then averages each process's final
-            direction instead of the surrogate gradient.
+            GSAM and LookSAM. :func:`flatmin.distributed.sam_step` then averages each
+            process's final direction instead of the surrogate gradient.
         per_sample_closure: False: ``step``'s closure runs forward and backward and
             returns the loss. True for ESAM, whose closure returns per-sample losses.
 
@@ -155,9 +160,8 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
             by their mean over data-parallel replicas. When set, every gradient the base
             step will apply is passed to it at the start of the update — after the
             method's own transformation (StableSAM's ``γ``, GSAM's projection), before
-            clipping and the base step — so per-process directions become one shared
-            direction. :func:`flatmin.distributed.sam_step` sets it for the duration
-            of a step with per-process ε; leave it ``None`` otherwise.
+            clipping and the base step. :func:`flatmin.distributed.sam_step` sets it
+            during a step with per-process ε; leave it ``None`` otherwise.
     """
 
     per_sample_closure = False
@@ -197,11 +201,7 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
         for group in self.param_groups:  # a factory may have built its own group dicts
             self._complete_group(group)
         self.defaults.update(self.base_optimizer.defaults)
-        if eta is not None and not any(g["adaptive"] for g in self.param_groups):
-            raise ValueError(
-                f"eta={eta!r} is ASAM's η in T_w = |w| + η and has no effect without an "
-                "adaptive form: pass adaptive='weights' or 'all', or leave eta out"
-            )
+        check_eta_has_a_form(self.param_groups, eta)
         self._register_state_dict_hooks()
         self._clear_transient()
 
@@ -218,6 +218,7 @@ class SAM(MethodStateDict, ClosureStep, Optimizer):
     @step_entry
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group as torch does; its ρ, adaptive form and η are checked first."""
+        check_group_eta_has_a_form(param_group, self.defaults["adaptive"])
         self._complete_group(param_group)
         if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
             super().add_param_group(param_group)
