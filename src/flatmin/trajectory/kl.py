@@ -157,14 +157,31 @@ def bucketed_tempered_kl(
     _check_valid(valid, logits)
     if batch == 0:
         return zero_term(logits)
+    index = _as(top_classes, torch.long, logits.device)
+    return bucketed_term(logits, top_logits, index, rest_lse[:, None], tau, valid, weight=weight)
+
+
+def bucketed_term(
+    logits: Tensor,
+    top_logits: Tensor,
+    index: Tensor,
+    rest_column: Tensor,
+    tau: float,
+    valid: Tensor | None = None,
+    *,
+    weight: float = 1.0,
+) -> Tensor:
+    """:func:`bucketed_tempered_kl` without its argument checks, for rows a store wrote:
+    ``index`` is any integer tensor of classes (``int64`` spares a conversion),
+    ``rest_column`` is ``rest_lse`` as a ``(B, 1)`` column, the batch is not empty."""
     dtype, device = _compute_dtype(logits), logits.device
     if valid is not None and (valid.dtype != torch.bool or valid.device != device):
         valid = valid.to(device=device, dtype=torch.bool)
     return _BucketedKL.apply(
         logits,
         top_logits.detach(),
-        _as(top_classes, torch.long, device),
-        _as(rest_lse.detach(), dtype, device),
+        _as(index, torch.long, device),
+        _as(rest_column.detach(), dtype, device),
         valid,
         _constant(tau, dtype, device),
         _constant(weight * tau * tau, dtype, device),
@@ -174,61 +191,65 @@ def bucketed_tempered_kl(
 
 class _BucketedKL(torch.autograd.Function):
     """:func:`bucketed_tempered_kl`: the value from the grouped logits, the gradient
-    ``weight·τ·(q − p̃)/B`` in closed form (one dense pass in the backward).
+    ``weight·τ·(q − p̃)/B`` in closed form, computed in the forward (the backward only
+    scales it).
 
     The classes outside ``T`` are exponentiated once, against their own maximum ``m``:
     ``e_j = exp(s_j − m)`` (``s = z/τ``), so ``Σ_{j∉T} e_j ≥ 1`` and nothing underflows
-    however small ``Q`` is. The present's grouped logits are ``(s_T, m + log Σ e)``, and
-    on ``j ∉ T`` the gradient is ``q_j − r·q_j/Q = e_j·(Q − r)/Σ e``.
+    however small ``Q`` is. The past's and the present's grouped logits, ``(z̃_T/τ,
+    rest_lse)`` and ``(s_T, m + log Σ e)``, are normalized together as one ``(B, 2, k+1)``
+    tensor, and on ``j ∉ T`` the gradient is ``q_j − r·q_j/Q = e_j·(Q − r)/Σ e``.
+    ``rest_lse`` comes as ``(B, 1)``.
     """
 
     @staticmethod
     def forward(ctx, logits, top_logits, index, rest_lse, valid, tau, scale, weight_tau):
-        k, dtype = index.shape[1], tau.dtype
-        scaled = _as(logits, dtype, logits.device).div(tau)
+        (batch, num_classes), k = logits.shape, index.shape[1]
+        scaled = _as(logits, tau.dtype, logits.device).div(tau)
         present = scaled.gather(1, index)
-        past = top_logits.to(device=logits.device, dtype=dtype).div_(tau)
-        bucket = k < scaled.shape[1]
+        bucket = k < num_classes
         if bucket:
             scaled.scatter_(1, index, float("-inf"))  # e_j = 0 on T
-        shift = scaled.amax(dim=1, keepdim=True)
-        exp = scaled.sub_(shift).exp_()
-        total = exp.sum(dim=1, keepdim=True)
-        if bucket:
-            present = torch.cat((present, total.log().add_(shift)), dim=1)
-            past = torch.cat((past, rest_lse[:, None]), dim=1)
-        groups = torch.stack((past, present))
-        group_max = groups.amax(dim=2, keepdim=True)
-        log_norm = groups.sub(group_max).exp_().sum(dim=2, keepdim=True).log_().add_(group_max)
-        log_p, log_q = groups.sub_(log_norm).unbind(0)
-        p = log_p.exp()
-        rows = p.mul(log_p.sub(log_q)).sum(dim=1)
+            shift = scaled.amax(dim=1, keepdim=True)
+            exp = scaled.sub_(shift).exp_()
+            total = exp.sum(dim=1, keepdim=True)
+            # (B, 2, k+1): the past's groups (z̃_T/τ, rest_lse), then the present's.
+            parts = (top_logits.div(tau[None]), rest_lse, present, total.log().add_(shift))
+        else:
+            parts = (top_logits.div(tau[None]), present)
+        groups = torch.cat(parts, dim=1).view(batch, 2, -1)
+        groups = groups.sub_(groups.amax(dim=2, keepdim=True))
+        probs = groups.exp()
+        norm = probs.sum(dim=2, keepdim=True)
+        log_p, log_q = groups.sub_(norm.log()).unbind(1)
+        p, q = probs.div_(norm).unbind(1)
+        rows = log_p.sub_(log_q).mul_(p).sum(dim=1)
         # Per group q − p: on T the gradient q_i − p_i; the bucket's Q − r, which spread
         # as e_j·(Q − r)/Σe gives q_j − r·q_j/Q on j ∉ T.
-        diff = log_q.exp().sub_(p)
+        diff = q.sub_(p)
         if bucket:
-            rest_coef, top = diff[:, k:].div(total), diff[:, :k]
-        else:  # every class is in T: the whole gradient is q − p, scattered
-            rest_coef, top = torch.zeros_like(total), diff
+            diff[:, k:].div_(total)
         if valid is None:
-            count = rows.new_tensor(float(rows.shape[0]))
+            count = rows.new_tensor(float(batch))
             value = rows.sum()
         else:  # invalid rows: no value, no gradient (their targets may hold anything)
-            count = valid.sum(dtype=dtype).clamp_(min=1)
-            value = torch.where(valid, rows, 0.0).sum()
-            keep = valid[:, None]
-            rest_coef = torch.where(keep, rest_coef, 0.0)
-            top = torch.where(keep, top, 0.0)
-        ctx.save_for_backward(exp, rest_coef, top, index, count, weight_tau)
+            count = valid.sum(dtype=tau.dtype).clamp_(min=1)
+            zero = _constant(0.0, tau.dtype, logits.device)
+            value = torch.where(valid, rows, zero).sum()
+            diff = torch.where(valid[:, None], diff, zero)
+        diff = diff.mul_(weight_tau / count)
+        if bucket:
+            grad = exp.mul_(diff[:, k:])
+            grad.scatter_add_(1, index, diff[:, :k])
+        else:  # every class is in T: the whole gradient is q − p, scattered
+            grad = torch.zeros_like(scaled).scatter_(1, index, diff)
+        ctx.save_for_backward(grad)
         return value.mul_(scale).div_(count)
 
     @staticmethod
     def backward(ctx, grad_output):
-        exp, rest_coef, top, index, count, weight_tau = ctx.saved_tensors
-        factor = grad_output * weight_tau / count
-        grad = exp * rest_coef.mul(factor)
-        grad.scatter_add_(1, index, top.mul(factor))
-        return grad, None, None, None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None, None, None, None, None
 
 
 def _mean_kl(log_p: Tensor, log_q: Tensor, valid: Tensor | None, scale: Tensor) -> Tensor:

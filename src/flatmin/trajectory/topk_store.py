@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from flatmin.optim._checks import check_int
-from flatmin.trajectory.kl import bucketed_tempered_kl
+from flatmin.trajectory.kl import bucketed_term, zero_term
 from flatmin.trajectory.logit_store import LogitStore, Rows
 
 
@@ -119,6 +119,8 @@ class TopKLogitStore(LogitStore):
             offset += count * dtype.itemsize
         self.row_bytes = -(-offset // 4) * 4
         self._padding = self.row_bytes - offset
+        self._values_first = fields[0][0] == "values"
+        self._zeros: dict[torch.device, Tensor] = {}
         return self.row_bytes, torch.uint8
 
     def _field(self, rows: Tensor, name: str, dtype: torch.dtype) -> Tensor:
@@ -138,15 +140,16 @@ class TopKLogitStore(LogitStore):
     def pack(self, values: Tensor, classes: Tensor, rest_lse: Tensor) -> Rows:
         """Rows from their fields (``values`` in the store dtype, ``classes`` in
         :attr:`class_dtype`, ``rest_lse`` float32; all on one device)."""
-        parts = {
-            "rest_lse": rest_lse[:, None].view(torch.uint8),
-            "values": values.view(torch.uint8),
-            "classes": classes.view(torch.uint8),
-        }
-        ordered = [parts[name] for name in self._fields]
+        return self._pack_columns(values.contiguous(), classes.contiguous(), rest_lse[:, None])
+
+    def _pack_columns(self, values: Tensor, classes: Tensor, rest_lse: Tensor) -> Rows:
+        """:meth:`pack` of contiguous ``values`` and ``classes`` and ``rest_lse (B, 1)``."""
+        parts = [rest_lse.view(torch.uint8), values.view(torch.uint8), classes.view(torch.uint8)]
+        if self._values_first is False:
+            parts[1], parts[2] = parts[2], parts[1]
         if self._padding:
-            ordered.append(values.new_zeros((values.shape[0], self._padding), dtype=torch.uint8))
-        return (torch.cat(ordered, dim=1),)
+            parts.append(values.new_zeros((values.shape[0], self._padding), dtype=torch.uint8))
+        return (torch.cat(parts, dim=1),)
 
     @property
     def values(self) -> Tensor:
@@ -180,25 +183,33 @@ class TopKLogitStore(LogitStore):
             raise ValueError(f"a top-k store needs the temperature tau > 0, got {tau}")
         k, z = self.top_k, logits.detach()
         with torch.no_grad():
+            values, classes = z.topk(k, dim=1)
+            # x·0 is 0 for a finite x and NaN otherwise: added to the rest's terms, the
+            # row's logits in the store dtype mark a row that is not finite there.
+            stored = z.to(self.dtype)
             if k < self.num_classes:
-                # The (k+1)-th largest logit is the largest outside the top k: the shift
-                # that keeps the rest's log-sum-exp exact however far below the top it is.
-                values, classes = z.topk(k + 1, dim=1)
-                shift = values[:, k:].to(self._compute_dtype(z))
-                values, classes = values[:, :k], classes[:, :k]
-                others = z.to(shift.dtype).scatter(1, classes, float("-inf"))
                 inv_tau = 1.0 / tau
-                rest = others.sub_(shift).mul_(inv_tau).exp_().sum(dim=1).log_()
-                rest = rest.add_(shift[:, 0], alpha=inv_tau)
+                if z.dtype == self._compute_dtype(z):
+                    others = z.mul(inv_tau)
+                else:
+                    others = z.to(self._compute_dtype(z)).mul_(inv_tau)
+                others.scatter_(1, classes, float("-inf")).addcmul_(stored, self._zero(z.device))
+                # The rest's largest tempered logit: the shift that keeps its log-sum-exp
+                # exact however far below the top it is.
+                shift = others.amax(dim=1, keepdim=True)
+                rest = others.sub_(shift).exp_().sum(dim=1, keepdim=True).log_().add_(shift)
+                if rest.dtype != torch.float32:
+                    rest = rest.to(torch.float32)
             else:
-                values, classes = z.topk(k, dim=1)
-                rest = z.new_full((z.shape[0],), float("-inf"), dtype=torch.float32)
-            # The row is finite in the store dtype iff its largest magnitude is below the
-            # dtype's overflow threshold (NaN fails the comparison too).
-            finite = z.abs().amax(dim=1) < self._overflow
-            rest = rest.to(torch.float32).masked_fill_(finite.logical_not(), float("nan"))
-        values = values.to(self.dtype).contiguous()
-        return self.pack(values, classes.to(self.class_dtype), rest)
+                rest = stored.mul(0).sum(dim=1, keepdim=True, dtype=torch.float32)
+                rest = rest.sub_(float("inf"))
+        return self._pack_columns(values.to(self.dtype), classes.to(self.class_dtype), rest)
+
+    def _zero(self, device: torch.device) -> Tensor:
+        zero = self._zeros.get(device)
+        if zero is None:
+            zero = self._zeros[device] = torch.zeros((), device=device)
+        return zero
 
     @staticmethod
     def _compute_dtype(z: Tensor) -> torch.dtype:
@@ -214,5 +225,10 @@ class TopKLogitStore(LogitStore):
     ) -> Tensor:  # fmt: skip
         """``weight·τ²·mean KL_k(past ‖ present)`` against rows read from this store
         (:func:`~flatmin.trajectory.bucketed_tempered_kl`)."""
-        values, classes, rest_lse = self.unpack(rows)
-        return bucketed_tempered_kl(logits, values, classes, rest_lse, tau, valid, weight=weight)
+        (packed,) = rows
+        if packed.shape[0] == 0:
+            return zero_term(logits)
+        values = self._field(packed, "values", self.dtype)
+        classes = self._field(packed, "classes", self.class_dtype)
+        rest = self._field(packed, "rest_lse", torch.float32)  # (B, 1)
+        return bucketed_term(logits, values, classes, rest, tau, valid, weight=weight)
