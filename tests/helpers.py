@@ -1,10 +1,12 @@
 """Helpers shared by test packages: one bit-exact resume assertion for every stateful part,
 the comparison of two training runs' checkpoints, files damaged as disks and copies damage
-them, the shape of a one-line error, and a process umask set for a block."""
+them, the shape of a one-line error, a process umask set for a block, and a miniature
+CIFAR-10 on disk."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import struct
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -12,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 TIMINGS = ("wall_time", "images_per_s", "images_per_cpu_s")
@@ -127,3 +130,28 @@ def umask(mask: int) -> Iterator[int]:
         yield 0o666 & ~mask
     finally:
         os.umask(previous)
+
+
+def write_cifar10(
+    root: Path, per_batch: int = 3, num_test: int = 4, seed: int = 0
+) -> tuple[Path, dict[str, dict]]:
+    """A miniature ``cifar-10-batches-py`` directory in ``root``, in the original pickle
+    format (five training batches of ``per_batch`` images, a test batch, the meta file);
+    returns the folder and each batch's dict."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        n = num_test if name == "test_batch" else per_batch
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": rng.integers(0, 10, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
+        }
+        batches[name] = batch
+        (folder / name).write_bytes(pickle.dumps(batch))
+    meta = {b"label_names": [f"class{i}".encode() for i in range(10)], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    return folder, batches

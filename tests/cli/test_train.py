@@ -24,6 +24,7 @@ from tests.helpers import (
     flip_a_stored_byte,
     truncate,
     umask,
+    write_cifar10,
 )
 
 
@@ -322,6 +323,21 @@ def test_resume_with_data_loader_workers_is_bit_exact(tmp_path):
     assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--quiet"]) == 0
     assert_runs_equal(tmp_path / "straight" / "checkpoint.pt",
                                tmp_path / "run" / "checkpoint.pt")  # fmt: skip
+
+
+def test_resume_with_workers_that_augment_is_bit_exact(tmp_path):
+    # CIFAR training items are randomly cropped and flipped inside the worker process,
+    # from the worker's own torch generator: a resumed epoch must draw the same crops.
+    write_cifar10(tmp_path / "cifar", per_batch=16, num_test=8)
+    args = ["--method", "sam", "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"),
+            "--model", "mlp", "--batch-size", "16", "--augment", "--num-workers", "1",
+            "--epochs", "3", "--quiet"]  # fmt: skip
+    assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
+    assert main(["train", *args, "--stop-after", "1", "--out", str(tmp_path / "run")]) == 0
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--quiet"]) == 0
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    assert straight["config"]["augment"] and straight["config"]["num_workers"] == 1
+    assert_runs_equal(straight, tmp_path / "run" / "checkpoint.pt")
 
 
 @pytest.mark.parametrize(

@@ -4,27 +4,7 @@ import numpy as np
 import pytest
 
 from flatmin.train._cifar import read_cifar
-
-
-def write_cifar10(root, per_batch=3, num_test=4, seed=0):
-    """A miniature cifar-10-batches-py directory in the original pickle format."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    batches = {}
-    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
-        n = num_test if name == "test_batch" else per_batch
-        batch = {
-            b"batch_label": name.encode(),
-            b"labels": rng.integers(0, 10, n).tolist(),
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
-        }
-        batches[name] = batch
-        (folder / name).write_bytes(pickle.dumps(batch))
-    meta = {b"label_names": [f"class{i}".encode() for i in range(10)], b"num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
-    return folder, batches
+from tests.helpers import write_cifar10
 
 
 def write_cifar100(root, num_train=6, num_test=3, seed=0):
