@@ -369,6 +369,23 @@ def test_resume_refuses_another_models_checkpoint(tmp_path, capsys):
     assert_one_line_error(capsys.readouterr().err, "trained with model 'cnn', not 'mlp'")
 
 
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.distributed
+def test_a_two_process_run_resumed_on_one_process_is_refused_and_left_as_it_was(tmp_path,
+                                                                                capsys):  # fmt: skip
+    assert _train(tmp_path, "--epochs", "2", "--stop-after", "1", "--nproc", "2", "--quiet") == 0
+    before = _files(tmp_path / "run")
+    assert "checkpoint.pt" in before
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--quiet"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "flatmin train: error: cannot resume",
+                          "written by 2 process(es) (--nproc 2), not 1")  # fmt: skip
+    assert _files(tmp_path / "run") == before
+
+
 # --- errors of every kind are one line ------------------------------------------------
 
 
