@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from flatmin.cli import main
+from flatmin.train.checkpoint import save_checkpoint
 from flatmin.train.config import TrainConfig
 from flatmin.train.data import load_dataset
 from flatmin.train.loop import Trainer
@@ -124,6 +125,26 @@ def test_measure_refuses_bad_checkpoints_in_one_line(checkpoint, tmp_path, capsy
     damage(path)
     assert main(["measure", str(path), "--out", str(tmp_path / "m"), "--sharpness"]) == 2
     assert_one_line_error(capsys.readouterr().err, "flatmin measure: error:", message)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "model"),
+    [
+        (lambda state: state.update(model=build_model("cnn", 10, (1, 8, 8)).state_dict()), "mlp"),
+        (lambda state: state["config"].update(model="cnn"), "cnn"),
+    ],
+)
+def test_measure_refuses_weights_that_do_not_fit_the_model_in_one_line(checkpoint, tmp_path,
+                                                                       capsys, change, model):  # fmt: skip
+    # A well-formed checkpoint (its checksum matches) whose weights are another model's.
+    path, _ = checkpoint
+    state = torch.load(path, weights_only=True)
+    change(state)
+    save_checkpoint(path, state)
+    assert main(["measure", str(path), "--out", str(tmp_path / "m"), "--sharpness"]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"flatmin measure: error: {path}: the saved "
+                          f"weights do not fit the model {model!r} for digits")  # fmt: skip
     assert not (tmp_path / "m").exists()
 
 
