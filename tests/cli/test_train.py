@@ -13,8 +13,9 @@ import torch
 
 from flatmin.cli import build_parser, main
 from flatmin.distributed.launch import free_port
-from flatmin.train.checkpoint import load_run
+from flatmin.train.checkpoint import load_run, save_checkpoint
 from flatmin.train.lock import RunLock
+from flatmin.train.models import build_model
 from flatmin.train.registry import METHODS
 from tests.cli.helpers import TINY, flatmin, uncreatable
 from tests.helpers import (
@@ -383,6 +384,21 @@ def test_a_two_process_run_resumed_on_one_process_is_refused_and_left_as_it_was(
     assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--quiet"]) == 2
     assert_one_line_error(capsys.readouterr().err, "flatmin train: error: cannot resume",
                           "written by 2 process(es) (--nproc 2), not 1")  # fmt: skip
+    assert _files(tmp_path / "run") == before
+
+
+def test_resume_refuses_weights_that_do_not_fit_the_model_and_changes_nothing(tmp_path, capsys):
+    # A well-formed checkpoint (its checksum matches) of the run's settings whose weights
+    # are another model's.
+    assert _train(tmp_path, "--epochs", "2", "--stop-after", "1", "--quiet") == 0
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    state["model"] = build_model("cnn", 10, (1, 8, 8)).state_dict()
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
+    before = _files(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--quiet"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "flatmin train: error:",
+                          "saved weights do not fit the model 'mlp' for digits")  # fmt: skip
     assert _files(tmp_path / "run") == before
 
 

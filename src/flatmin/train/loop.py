@@ -112,8 +112,17 @@ class Run:
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        """Load a checkpoint written by :meth:`state` (RNGs included)."""
-        self.model.load_state_dict(state["model"])
+        """Load a checkpoint written by :meth:`state` (RNGs included);
+        :class:`~flatmin.train.checkpoint.CheckpointError` when its weights do not fit the
+        model."""
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError:  # missing, unexpected or misshapen entries
+            config = state["config"]
+            raise ckpt.CheckpointError(
+                f"the checkpoint's saved weights do not fit the model {config['model']!r} for "
+                f"{config['dataset']} that its configuration names"
+            ) from None
         self.method.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method_state"])
