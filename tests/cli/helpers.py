@@ -13,6 +13,13 @@ from pathlib import Path
 TINY = ["--dataset", "digits", "--model", "mlp", "--subset", "64", "--batch-size", "32"]
 
 
+def train_tiny(tmp_path: Path, *args: str, out: str = "run") -> int:
+    """``flatmin train`` in-process on the tiny digits set, into ``tmp_path/out``."""
+    from flatmin.cli import main
+
+    return main(["train", *TINY, "--out", str(tmp_path / out), *args])
+
+
 def uncreatable(tmp_path: Path) -> str:
     """A path under which no directory can be made: sysfs refuses even root, and a
     read-only directory refuses anyone else."""
