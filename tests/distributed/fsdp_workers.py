@@ -157,12 +157,15 @@ def hsdp_run(rank: int, world_size: int) -> dict[str, list]:
 
 
 def collectives_of_one_step(rank: int, world_size: int, mesh) -> dict[str, list]:
-    """The collectives (name, input shapes) that SAM's first_step and GSAM's second_step
-    issue by themselves, as torch's profiler records them."""
+    """The collectives (name, input shapes) that each two-pass member's first_step and
+    second_step issue by themselves (LookSAM's first step is a full one), as torch's
+    profiler records them."""
     xs, ys = family_data()
     x, y = rows(xs[0], rank, world_size), rows(ys[0], rank, world_size)
     seen = {}
-    for name, make in (("sam", FAMILY["sam_sgd"]), ("gsam", FAMILY["gsam_sgd"])):
+    members = {"sam": "sam_sgd", "stablesam": "stablesam_sgd", "gsam": "gsam_sgd",
+               "looksam": "looksam_adamw"}  # fmt: skip
+    for name, make in ((name, FAMILY[key]) for name, key in members.items()):
         model = shard_model(mlp(), mesh)
         opt = make(model.parameters())
         closure_for(opt, model, x, y)()

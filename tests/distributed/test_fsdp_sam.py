@@ -107,8 +107,13 @@ def test_each_norm_costs_one_scalar_all_reduce_and_no_gather(world):
         seen = run["collectives"]
         assert seen["sam.first_step"] == [("gloo:all_reduce", [[]])]  # ‖g‖²
         assert seen["sam.second_step"] == []
+        assert seen["stablesam.first_step"] == [("gloo:all_reduce", [[]])]
+        assert seen["stablesam.second_step"] == [("gloo:all_reduce", [[]])]  # ‖g_s‖² for γ
         assert seen["gsam.first_step"] == [("gloo:all_reduce", [[]])]
         assert seen["gsam.second_step"] == [("gloo:all_reduce", [[2]])]  # ⟨g,g_s⟩, ‖g_s‖²
+        assert seen["looksam.first_step"] == [("gloo:all_reduce", [[]])]
+        # ⟨g,g_s⟩, then ‖g_v‖² of g_v = g_s − (⟨g,g_s⟩/‖g‖²)·g, which needs the first
+        assert seen["looksam.second_step"] == [("gloo:all_reduce", [[]])] * 2
 
 
 def test_a_norm_over_each_rank_own_shards_would_fail_these_tests(world, references):
