@@ -5,6 +5,7 @@ CIFAR-10 on disk."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import struct
@@ -155,3 +156,25 @@ def write_cifar10(
     meta = {b"label_names": [f"class{i}".encode() for i in range(10)], b"num_vis": 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta))
     return folder, batches
+
+
+def write_fashion_mnist(
+    root: Path, n_train: int = 12, n_test: int = 5, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fashion-MNIST's four IDX gz files in ``root`` (the real names and magic numbers
+    0x00000803 / 0x00000801) with random pixels and labels; returns each split's
+    ``(images, labels)``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        (root / f"{split}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        )
+        (root / f"{split}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">II", 0x801, n) + labels.tobytes())
+        )
+        arrays[split] = images, labels
+    return arrays

@@ -12,17 +12,13 @@ directory in README order; ``flatmin CMD`` lines get REDUCE's arguments appended
 from __future__ import annotations
 
 import doctest
-import gzip
 import os
 import shlex
-import struct
 import subprocess
 import sys
 import traceback
 import warnings
 from pathlib import Path
-
-import numpy as np
 
 from tests.docs.blocks import ROOT, SRC, Block
 
@@ -209,23 +205,6 @@ def reduced(argv: list[str], fashion_mnist: Path) -> list[str]:
     if "fashion-mnist" in args and "--data-dir" not in args:
         extra = [*extra, "--data-dir", str(fashion_mnist)]
     return [*argv, *extra]
-
-
-def write_fake_fashion_mnist(root: Path, n_train: int = 256, n_test: int = 64) -> Path:
-    """IDX files with Fashion-MNIST's names and magic numbers and random pixels, so that
-    the README's ``--dataset fashion-mnist`` commands run without the real data."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        (root / f"{split}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
-        )
-        (root / f"{split}-labels-idx1-ubyte.gz").write_bytes(
-            gzip.compress(struct.pack(">II", 0x801, n) + labels.tobytes())
-        )
-    return root
 
 
 # ---- running python blocks ---------------------------------------------------------------

@@ -26,8 +26,8 @@ from tests.docs.helpers import (
     reduced,
     run_python,
     shell_commands,
-    write_fake_fashion_mnist,
 )
+from tests.helpers import write_fashion_mnist
 
 BLOCKS = [block for path in MARKDOWN for block in markdown_blocks(path)]
 PYTHON_BLOCKS = [b for b in BLOCKS if b.lang in PYTHON]
@@ -84,7 +84,7 @@ def shell_dirs(tmp_path_factory):
     def directory(path: Path) -> Path:
         if path not in made:
             made[path] = tmp_path_factory.mktemp(f"shell-{path.stem}")
-            write_fake_fashion_mnist(made[path] / "fashion-mnist")
+            write_fashion_mnist(made[path] / "fashion-mnist", n_train=256, n_test=64)
         return made[path]
 
     return directory

@@ -1,7 +1,5 @@
-import gzip
 import json
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from flatmin.train.data import (
     make_loader,
     random_crop_flip,
 )
+from tests.helpers import write_cifar10, write_fashion_mnist
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -23,41 +22,6 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture(scope="module")
 def mnist1d_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("mnist1d-cache")
-
-
-def write_fake_fashion(root: Path, n_train=12, n_test=5, seed=0):
-    """IDX gz files with the real names and magic numbers (0x00000803 / 0x00000801)."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        (root / f"{split}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
-        )
-        (root / f"{split}-labels-idx1-ubyte.gz").write_bytes(
-            gzip.compress(struct.pack(">II", 0x801, n) + labels.tobytes())
-        )
-        arrays[split] = images, labels
-    return arrays
-
-
-def write_fake_cifar10(root: Path, per_batch=4, num_test=6, seed=0):
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    data = {}
-    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
-        n = num_test if name == "test_batch" else per_batch
-        batch = {
-            b"labels": rng.integers(0, 10, n).tolist(),
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-        }
-        data[name] = batch
-        (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c"] * 10}))
-    train = np.concatenate([data[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
-    return train.reshape(-1, 3, 32, 32), data["test_batch"][b"data"].reshape(-1, 3, 32, 32)
 
 
 def stacked(dataset):
@@ -132,7 +96,7 @@ def test_digits_split_is_fixed_stratified_and_standardized():
 
 
 def test_fashion_mnist_from_written_idx_files(tmp_path):
-    arrays = write_fake_fashion(tmp_path)
+    arrays = write_fashion_mnist(tmp_path)
     bundle = load_dataset("fashion-mnist", tmp_path)
     train_images, train_labels = arrays["train"]
     test_images, test_labels = arrays["t10k"]
@@ -160,7 +124,10 @@ def test_real_fashion_mnist():
 
 
 def test_cifar10_from_written_pickles(tmp_path):
-    train_raw, test_raw = write_fake_cifar10(tmp_path)
+    _, batches = write_cifar10(tmp_path, per_batch=4, num_test=6)
+    train_raw = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
+    train_raw = train_raw.reshape(-1, 3, 32, 32)
+    test_raw = batches["test_batch"][b"data"].reshape(-1, 3, 32, 32)
     bundle = load_dataset("cifar10", tmp_path)
     assert (len(bundle.train), len(bundle.test)) == (20, 6)
     assert bundle.input_shape == (3, 32, 32) and bundle.num_classes == 10
@@ -190,7 +157,7 @@ def test_cifar100_has_100_classes(tmp_path):
 
 
 def test_names_are_case_and_underscore_insensitive(tmp_path):
-    write_fake_fashion(tmp_path)
+    write_fashion_mnist(tmp_path)
     assert load_dataset("Fashion_MNIST", tmp_path).name == "fashion-mnist"
 
 
@@ -289,7 +256,7 @@ def test_random_crop_flip_returns_a_crop_of_the_padded_image():
 
 
 def test_cifar_augmentation_only_on_training_items(tmp_path):
-    write_fake_cifar10(tmp_path)
+    write_cifar10(tmp_path, per_batch=4, num_test=6)
     bundle = load_dataset("cifar10", tmp_path, val_fraction=0.25)
     train_draws = torch.stack([bundle.train[0][0] for _ in range(20)])
     assert train_draws.shape == (20, 3, 32, 32)

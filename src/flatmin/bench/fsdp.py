@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
-from flatmin.bench.speed import machine
 from flatmin.bench.stats import median
 from flatmin.distributed.launch import spawn
 from flatmin.distributed.saf import DistributedSAF
@@ -330,12 +329,4 @@ def format_store_row(r: dict[str, Any]) -> str:
         f"{ms['replicated_repeat']:.2f} / {ms['sharded_repeat']:.2f}; bytes received per "
         f"process and recording call {r['received_bytes_per_call']['replicated']:,} / "
         f"{r['received_bytes_per_call']['sharded']:,}"
-    )
-
-
-def header(command: str) -> str:
-    info = machine()
-    return (
-        f"# {command}\n# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, torch {info['torch']}, "
-        f"{info['cpu_count']} CPUs, load average {info['loadavg_start']}"
     )

@@ -197,6 +197,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+def results_header(command: str, threads: bool = True) -> str:
+    """The two comment lines that open a raw results file: the command, then the time,
+    torch, this process's thread count (``threads``; off where each process sets its
+    own), the CPU count and the load average."""
+    info = machine()
+    thread_part = f"{info['torch_threads']} thread(s), " if threads else ""
+    return (
+        f"# {command}\n# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, torch {info['torch']}, "
+        f"{thread_part}{info['cpu_count']} CPUs, load average {info['loadavg_start']}"
+    )
+
+
 def run_speed(
     models: Sequence[str],
     methods: Sequence[str] | None = None,

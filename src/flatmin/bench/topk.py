@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 from flatmin.bench.accuracy import FINAL_NAME, RunJob
-from flatmin.bench.speed import machine
 from flatmin.bench.stats import median, summarize
 from flatmin.bench.studies import Section
 from flatmin.optim._checks import check_int
@@ -269,15 +268,6 @@ def format_memmap(result: dict[str, Any]) -> str:
         f"{r['epoch_bytes_in_memory']:,} = {r['memory_bytes']:,} ({_size(r['memory_bytes'])});"
         f" full float16 rows would take {r['full_float16_bytes']:,} "
         f"({_size(r['full_float16_bytes'])}); {r['seconds']:.0f} s"
-    )
-
-
-def header(command: str) -> str:
-    info = machine()
-    return (
-        f"# {command}\n# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, torch {info['torch']}, "
-        f"{info['torch_threads']} thread(s), {info['cpu_count']} CPUs, load average "
-        f"{info['loadavg_start']}"
     )
 
 

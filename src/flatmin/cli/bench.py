@@ -24,14 +24,12 @@ from flatmin.bench.demo import DemoPreset, plot, run_demo, table, write_summary
 from flatmin.bench.figures import draw_figures
 from flatmin.bench.fsdp import format_speed as format_fsdp_speed
 from flatmin.bench.fsdp import fsdp_speed, sharded_store
-from flatmin.bench.fsdp import header as fsdp_header
 from flatmin.bench.report import report
-from flatmin.bench.speed import run_speed, write_speed
+from flatmin.bench.speed import results_header, run_speed, write_speed
 from flatmin.bench.studies import STUDIES, study
 from flatmin.bench.topk import (
     format_memmap,
     format_memory,
-    header,
     memmap_store,
     memory_table,
     store_speed,
@@ -344,7 +342,7 @@ def _topk_speed(args: argparse.Namespace) -> int:
               batch_size=args.batch_size, classes=min(args.classes), top_k=min(args.top_k))  # fmt: skip
     out = _out(args.out or "benchmarks/results")
     torch.set_num_threads(args.threads)
-    lines = [header(_command(args))]
+    lines = [results_header(_command(args))]
     print(lines[0], flush=True)
     started = time.perf_counter()
     try:
@@ -372,7 +370,7 @@ def _topk_memory(args: argparse.Namespace) -> int:
     out = _out(args.out or "benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     table = memory_table(ks)
-    lines = [header(_command(args)), format_memory(table, ks, lag=3)]
+    lines = [results_header(_command(args)), format_memory(table, ks, lag=3)]
     data: dict = {"command": _command(args), "table": table}
     if args.memmap_samples:
         data["memmap"] = memmap_store(out / "topk_memmap_store.bin", samples=args.memmap_samples)
@@ -414,7 +412,7 @@ def _fsdp_speed(args: argparse.Namespace) -> int:
     if args.processes < 2:
         raise BenchError(f"--processes must be >= 2, got {args.processes}")
     out = _out(args.out or "benchmarks/results")
-    lines = [fsdp_header(_command(args))]
+    lines = [results_header(_command(args), threads=False)]
     print(lines[0], flush=True)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -442,7 +440,7 @@ def _sharded_store(args: argparse.Namespace) -> int:
             f"--store-cases takes NxC pairs such as 50000x10, got {args.store_cases}"
         ) from None
     out = _out(args.out or "benchmarks/results")
-    lines = [fsdp_header(_command(args))]
+    lines = [results_header(_command(args), threads=False)]
     print(lines[0], flush=True)
     out.mkdir(parents=True, exist_ok=True)
     data = sharded_store(args.worlds, cases, batch=args.batch_size or 128, calls=args.repeats,
