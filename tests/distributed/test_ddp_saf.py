@@ -149,7 +149,9 @@ def test_two_process_top_k_saf_equals_one_process_and_keeps_one_store(runs):
     rank0, rank1 = runs["saf_train_top1"]
     for run in (rank0, rank1):
         for key in state:
-            torch.testing.assert_close(run["state"][key], state[key], rtol=1e-5, atol=1e-6)
+            # float32 rounding of two orders of summation (DDP's average, the share's
+            # rescale), carried through the training steps: ~1e-6 of the weights' scale
+            torch.testing.assert_close(run["state"][key], state[key], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(
             torch.tensor(run["terms"]), torch.tensor(terms), rtol=1e-5, atol=1e-7
         )

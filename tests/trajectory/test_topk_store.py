@@ -5,6 +5,8 @@ import torch
 from flatmin.trajectory.logit_store import LogitStore
 from flatmin.trajectory.topk_store import TopKLogitStore, class_dtype
 
+pytestmark = pytest.mark.usefixtures("topk_path")
+
 
 def _tempered_rest(logits: torch.Tensor, k: int, tau: float) -> torch.Tensor:
     """``log Σ_{j∉top k} exp(z_j/τ)`` in float64, from a sort (not the store's topk)."""

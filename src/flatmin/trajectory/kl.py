@@ -21,6 +21,8 @@ import functools
 import torch
 from torch import Tensor
 
+from flatmin.trajectory import _topk_compiled
+
 
 def zero_term(logits: Tensor) -> Tensor:
     """A zero loss term that is part of ``logits``' graph (its gradient is all zeros).
@@ -174,18 +176,11 @@ def bucketed_term(
     """:func:`bucketed_tempered_kl` without its argument checks, for rows a store wrote:
     ``index`` is any integer tensor of classes (``int64`` spares a conversion),
     ``rest_column`` is ``rest_lse`` as a ``(B, 1)`` column, the batch is not empty."""
-    dtype, device = _compute_dtype(logits), logits.device
+    device = logits.device
     if valid is not None and (valid.dtype != torch.bool or valid.device != device):
         valid = valid.to(device=device, dtype=torch.bool)
     return _BucketedKL.apply(
-        logits,
-        top_logits.detach(),
-        _as(index, torch.long, device),
-        _as(rest_column.detach(), dtype, device),
-        valid,
-        _constant(tau, dtype, device),
-        _constant(weight * tau * tau, dtype, device),
-        _constant(weight * tau, dtype, device),
+        logits, top_logits.detach(), index, rest_column.detach(), valid, tau, weight
     )
 
 
@@ -199,57 +194,83 @@ class _BucketedKL(torch.autograd.Function):
     however small ``Q`` is. The past's and the present's grouped logits, ``(z̃_T/τ,
     rest_lse)`` and ``(s_T, m + log Σ e)``, are normalized together as one ``(B, 2, k+1)``
     tensor, and on ``j ∉ T`` the gradient is ``q_j − r·q_j/Q = e_j·(Q − r)/Σ e``.
-    ``rest_lse`` comes as ``(B, 1)``.
+    ``rest_lse`` comes as ``(B, 1)``. float32 logits on the CPU take the same arithmetic
+    as compiled loops (:mod:`flatmin.trajectory._topk_compiled`) when numba is installed.
     """
 
     @staticmethod
-    def forward(ctx, logits, top_logits, index, rest_lse, valid, tau, scale, weight_tau):
-        (batch, num_classes), k = logits.shape, index.shape[1]
-        scaled = _as(logits, tau.dtype, logits.device).div(tau)
-        present = scaled.gather(1, index)
-        bucket = k < num_classes
-        if bucket:
-            scaled.scatter_(1, index, float("-inf"))  # e_j = 0 on T
-            shift = scaled.amax(dim=1, keepdim=True)
-            exp = scaled.sub_(shift).exp_()
-            total = exp.sum(dim=1, keepdim=True)
-            # (B, 2, k+1): the past's groups (z̃_T/τ, rest_lse), then the present's.
-            parts = (top_logits.div(tau[None]), rest_lse, present, total.log().add_(shift))
-        else:
-            parts = (top_logits.div(tau[None]), present)
-        groups = torch.cat(parts, dim=1).view(batch, 2, -1)
-        groups = groups.sub_(groups.amax(dim=2, keepdim=True))
-        probs = groups.exp()
-        norm = probs.sum(dim=2, keepdim=True)
-        log_p, log_q = groups.sub_(norm.log()).unbind(1)
-        p, q = probs.div_(norm).unbind(1)
-        rows = log_p.sub_(log_q).mul_(p).sum(dim=1)
-        # Per group q − p: on T the gradient q_i − p_i; the bucket's Q − r, which spread
-        # as e_j·(Q − r)/Σe gives q_j − r·q_j/Q on j ∉ T.
-        diff = q.sub_(p)
-        if bucket:
-            diff[:, k:].div_(total)
-        if valid is None:
-            count = rows.new_tensor(float(batch))
-            value = rows.sum()
-        else:  # invalid rows: no value, no gradient (their targets may hold anything)
-            count = valid.sum(dtype=tau.dtype).clamp_(min=1)
-            zero = _constant(0.0, tau.dtype, logits.device)
-            value = torch.where(valid, rows, zero).sum()
-            diff = torch.where(valid[:, None], diff, zero)
-        diff = diff.mul_(weight_tau / count)
-        if bucket:
-            grad = exp.mul_(diff[:, k:])
-            grad.scatter_add_(1, index, diff[:, :k])
-        else:  # every class is in T: the whole gradient is q − p, scattered
-            grad = torch.zeros_like(scaled).scatter_(1, index, diff)
+    def forward(ctx, logits, top_logits, index, rest_lse, valid, tau, weight):
+        computed = None
+        if _topk_compiled.applies(logits) and top_logits.device.type == "cpu":
+            computed = _topk_compiled.bucketed_forward(
+                logits, top_logits, index, rest_lse, valid, tau, weight
+            )
+        if computed is None:
+            dtype, device = _compute_dtype(logits), logits.device
+            computed = _bucketed_forward(
+                logits,
+                top_logits,
+                _as(index, torch.long, device),
+                _as(rest_lse, dtype, device),
+                valid,
+                _constant(tau, dtype, device),
+                _constant(weight * tau * tau, dtype, device),
+                _constant(weight * tau, dtype, device),
+            )
+        value, grad = computed
         ctx.save_for_backward(grad)
-        return value.mul_(scale).div_(count)
+        return value
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None, None, None, None, None, None
+        return grad * grad_output, None, None, None, None, None, None
+
+
+def _bucketed_forward(logits, top_logits, index, rest_lse, valid, tau, scale, weight_tau):
+    """:class:`_BucketedKL`'s value and gradient as torch ops (``index`` int64, the
+    constants 0-dim tensors of the compute dtype)."""
+    (batch, num_classes), k = logits.shape, index.shape[1]
+    scaled = _as(logits, tau.dtype, logits.device).div(tau)
+    present = scaled.gather(1, index)
+    bucket = k < num_classes
+    if bucket:
+        scaled.scatter_(1, index, float("-inf"))  # e_j = 0 on T
+        shift = scaled.amax(dim=1, keepdim=True)
+        exp = scaled.sub_(shift).exp_()
+        total = exp.sum(dim=1, keepdim=True)
+        # (B, 2, k+1): the past's groups (z̃_T/τ, rest_lse), then the present's.
+        parts = (top_logits.div(tau[None]), rest_lse, present, total.log().add_(shift))
+    else:
+        parts = (top_logits.div(tau[None]), present)
+    groups = torch.cat(parts, dim=1).view(batch, 2, -1)
+    groups = groups.sub_(groups.amax(dim=2, keepdim=True))
+    probs = groups.exp()
+    norm = probs.sum(dim=2, keepdim=True)
+    log_p, log_q = groups.sub_(norm.log()).unbind(1)
+    p, q = probs.div_(norm).unbind(1)
+    rows = log_p.sub_(log_q).mul_(p).sum(dim=1)
+    # Per group q − p: on T the gradient q_i − p_i; the bucket's Q − r, which spread
+    # as e_j·(Q − r)/Σe gives q_j − r·q_j/Q on j ∉ T.
+    diff = q.sub_(p)
+    if bucket:
+        diff[:, k:].div_(total)
+    if valid is None:
+        count = rows.new_tensor(float(batch))
+        value = rows.sum()
+    else:
+        count = valid.sum(dtype=tau.dtype).clamp_(min=1)
+        zero = _constant(0.0, tau.dtype, logits.device)
+        value = torch.where(valid, rows, zero).sum()
+    diff = diff.mul_(weight_tau / count)
+    if bucket:
+        grad = exp.mul_(diff[:, k:])
+        grad.scatter_add_(1, index, diff[:, :k])
+    else:  # every class is in T: the whole gradient is q − p, scattered
+        grad = torch.zeros_like(scaled).scatter_(1, index, diff)
+    if valid is not None:  # invalid rows: no gradient, whatever their logits and targets hold
+        grad = torch.where(valid[:, None], grad, zero)
+    return value.mul_(scale).div_(count), grad
 
 
 def _mean_kl(log_p: Tensor, log_q: Tensor, valid: Tensor | None, scale: Tensor) -> Tensor:

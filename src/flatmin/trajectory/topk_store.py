@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from flatmin.optim._checks import check_int
+from flatmin.trajectory import _topk_compiled
 from flatmin.trajectory.kl import bucketed_term, zero_term
 from flatmin.trajectory.logit_store import LogitStore, Rows
 
@@ -178,10 +179,16 @@ class TopKLogitStore(LogitStore):
         ``tau`` is the temperature of ``rest_lse`` (required). A row that is not finite
         once cast to the store dtype gets ``rest_lse = NaN``, the mark that keeps it out
         of the store (as the full store keeps such rows out).
+
+        float32 logits on the CPU are encoded by a compiled loop when numba is installed
+        (:mod:`flatmin.trajectory._topk_compiled`): the same values and classes, the same
+        ``rest_lse`` to float32 rounding.
         """
         if tau is None or not tau > 0:
             raise ValueError(f"a top-k store needs the temperature tau > 0, got {tau}")
         k, z = self.top_k, logits.detach()
+        if _topk_compiled.applies(z):
+            return self._encode_compiled(z, tau)
         with torch.no_grad():
             values, classes = z.topk(k, dim=1)
             # x·0 is 0 for a finite x and NaN otherwise: added to the rest's terms, the
@@ -204,6 +211,15 @@ class TopKLogitStore(LogitStore):
                 rest = stored.mul(0).sum(dim=1, keepdim=True, dtype=torch.float32)
                 rest = rest.sub_(float("inf"))
         return self._pack_columns(values.to(self.dtype), classes.to(self.class_dtype), rest)
+
+    def _encode_compiled(self, z: Tensor, tau: float) -> Rows:
+        make = torch.zeros if self._padding else torch.empty
+        packed = make((z.shape[0], self.row_bytes), dtype=torch.uint8)
+        half = self.dtype == torch.float16
+        _topk_compiled.encode_rows(
+            z, packed, self._fields, half, self.class_dtype, tau, self._overflow
+        )
+        return (packed,)
 
     def _zero(self, device: torch.device) -> Tensor:
         zero = self._zeros.get(device)
