@@ -16,6 +16,7 @@ from flatmin.bench.topk import (
 )
 from flatmin.train.checkpoint import load_run
 from flatmin.train.loop import first_samples
+from flatmin.trajectory import _topk_compiled
 from flatmin.trajectory.kl import tempered_kl
 
 SAF = {"start_epoch": 0, "lag_epochs": 1}
@@ -115,11 +116,16 @@ def test_memmap_store_counts_the_file_and_deletes_it(tmp_path):
 
 
 def test_store_speed_times_every_store_against_full_rows():
+    switch = _topk_compiled.ENABLED
     result = store_speed(classes=(12,), ks=(3, 20), batch=16, samples=64, repeats=2, lag=1,
                          log=lambda _: None)["12"]  # fmt: skip
     labels = [r["store"] for r in result["rows"]]
-    assert labels == ["full rows", "top_k=3"]  # k = 20 > C is left out
-    full, top = result["rows"]
+    # k = 20 > C is left out; the compiled loops run only with numba
+    compiled = ["top_k=3"] if _topk_compiled.ENABLED else []
+    assert labels == ["full rows", *compiled, "top_k=3, eager"]
+    assert _topk_compiled.ENABLED == switch  # each store's path was set and restored
+    assert [r["compiled"] for r in result["rows"][1:]] == [True] * len(compiled) + [False]
+    full, top = result["rows"][0], result["rows"][-1]
     assert full["wall_ratio"] == 1.0 and top["wall_ratio"] > 0
     assert (full["row_bytes"], top["row_bytes"]) == (24, 16)  # 4 + 3·2 + 3·1, to 4 bytes
     assert top["bytes_per_step"] == 2 * 16 * (16 + 4)

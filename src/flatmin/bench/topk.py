@@ -1,7 +1,9 @@
 """``flatmin bench topk``: SAF's compressed store (``top_k``) against full rows.
 
 **Speed** (:func:`store_speed`). For each number of classes ``C`` one SAF with full rows
-and one per ``k`` (``SAF(..., top_k=k)``) are built over the same ``N`` samples and filled
+and, per ``k``, one ``SAF(..., top_k=k)`` running the compiled loops (when numba is
+installed) and one running the eager torch code are built over the same ``N`` samples and
+filled
 for ``Ẽ`` epochs; then they are timed *interleaved in one process*: each round runs one
 epoch of every store (the order rotates from round to round), over the same batches of
 the same fixed logits, each step being what SAF costs a training step — the look-up and
@@ -45,6 +47,7 @@ from flatmin.bench.studies import Section
 from flatmin.optim._checks import check_int
 from flatmin.train.checkpoint import load_run, write_json
 from flatmin.train.loop import Trainer, first_samples
+from flatmin.trajectory import _topk_compiled
 from flatmin.trajectory.kl import bucketed_tempered_kl, tempered_kl
 from flatmin.trajectory.logit_store import LogitStore
 from flatmin.trajectory.saf import SAF
@@ -57,12 +60,23 @@ DATASETS = {  # name: (training samples, classes)
 TAU = 5.0
 
 
-def _variants(num_classes: int, ks: Sequence[int]) -> list[int | None]:
-    return [None, *sorted({k for k in ks if k <= num_classes})]
+Variant = tuple[int | None, bool]
+"""A store timed: ``(k, compiled)``; ``(None, False)`` is full rows."""
+FULL: Variant = (None, False)
 
 
-def _label(k: int | None) -> str:
-    return "full rows" if k is None else f"top_k={k}"
+def _variants(num_classes: int, ks: Sequence[int]) -> list[Variant]:
+    """Full rows, then per ``k`` the compiled top-k code (with numba) and the eager one."""
+    paths = [True, False] if _topk_compiled.ENABLED else [False]
+    kept = sorted({k for k in ks if k <= num_classes})
+    return [FULL, *[(k, compiled) for k in kept for compiled in paths]]
+
+
+def _label(variant: Variant) -> str:
+    k, compiled = variant
+    if k is None:
+        return "full rows"
+    return f"top_k={k}" if compiled else f"top_k={k}, eager"
 
 
 def _row_bytes(saf: SAF) -> int:
@@ -73,11 +87,11 @@ def _row_bytes(saf: SAF) -> int:
 class _Stores:
     """The stores of one ``C``, each at its own epoch, run over shared batches."""
 
-    def __init__(self, logits: torch.Tensor, variants: list[int | None], lag: int) -> None:
+    def __init__(self, logits: torch.Tensor, variants: list[Variant], lag: int) -> None:
         samples, classes = logits.shape
         self.logits = logits
         self.stores = {
-            k: SAF(samples, classes, lag_epochs=lag, start_epoch=0, top_k=k) for k in variants
+            v: SAF(samples, classes, lag_epochs=lag, start_epoch=0, top_k=v[0]) for v in variants
         }
         self.epochs = dict.fromkeys(variants, 0)
 
@@ -87,16 +101,21 @@ class _Stores:
         order = torch.randperm(samples, generator=gen)[: samples // batch * batch]
         return [(idx, self.logits[idx]) for idx in order.split(batch)]
 
-    def epoch(self, k: int | None, batches: list[tuple[torch.Tensor, torch.Tensor]]):
-        """One epoch of store ``k``: look-up, record and the term's backward per batch;
+    def epoch(self, variant: Variant, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        """One epoch of a store: look-up, record and the term's backward per batch;
         returns its (wall, thread CPU) seconds."""
-        saf = self.stores[k]
-        saf.set_epoch(self.epochs[k])
-        self.epochs[k] += 1
-        wall, cpu = time.perf_counter(), time.thread_time()
-        for idx, rows in batches:
-            saf(rows.detach().requires_grad_(), idx).backward()
-        return time.perf_counter() - wall, time.thread_time() - cpu
+        saf = self.stores[variant]
+        saf.set_epoch(self.epochs[variant])
+        self.epochs[variant] += 1
+        enabled = _topk_compiled.ENABLED
+        _topk_compiled.ENABLED = variant[1]
+        try:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            for idx, rows in batches:
+                saf(rows.detach().requires_grad_(), idx).backward()
+            return time.perf_counter() - wall, time.thread_time() - cpu
+        finally:
+            _topk_compiled.ENABLED = enabled
 
 
 def store_speed(
@@ -122,26 +141,27 @@ def store_speed(
         runs = _Stores(torch.randn(samples, num_classes, generator=gen) * 3, variants, lag)
         for _ in range(lag):  # fill every slot: the timed epochs read valid targets
             batches = runs.batches(batch, gen)
-            for k in variants:
-                runs.epoch(k, batches)
-        times: dict[int | None, list[tuple[float, float]]] = {k: [] for k in variants}
+            for v in variants:
+                runs.epoch(v, batches)
+        times: dict[Variant, list[tuple[float, float]]] = {v: [] for v in variants}
         for r in range(repeats + 1):
             batches = runs.batches(batch, gen)
             shift = r % len(variants)
-            for k in variants[shift:] + variants[:shift]:
-                measured = runs.epoch(k, batches)
+            for v in variants[shift:] + variants[:shift]:
+                measured = runs.epoch(v, batches)
                 if r:  # round 0 warms up
-                    times[k].append(measured)
+                    times[v].append(measured)
         steps = samples // batch
         rows = []
-        for k in variants:
-            wall = [a / b for (a, _), (b, _) in zip(times[k], times[None], strict=True)]
-            cpu = [a / b for (_, a), (_, b) in zip(times[k], times[None], strict=True)]
-            saf = runs.stores[k]
+        for v in variants:
+            wall = [a / b for (a, _), (b, _) in zip(times[v], times[FULL], strict=True)]
+            cpu = [a / b for (_, a), (_, b) in zip(times[v], times[FULL], strict=True)]
+            saf = runs.stores[v]
             rows.append({
-                "store": _label(k),
-                "top_k": k,
-                "us_per_step": 1e6 * median([t for t, _ in times[k]]) / steps,
+                "store": _label(v),
+                "top_k": v[0],
+                "compiled": v[1],
+                "us_per_step": 1e6 * median([t for t, _ in times[v]]) / steps,
                 "wall_ratio": median(wall),
                 "wall_ratio_range": [min(wall), max(wall)],
                 "cpu_ratio": median(cpu),
