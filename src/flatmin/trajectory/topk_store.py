@@ -181,7 +181,7 @@ class TopKLogitStore(LogitStore):
         of the store (as the full store keeps such rows out).
 
         float32 logits on the CPU are encoded by a compiled loop when numba is installed
-        (:mod:`flatmin.trajectory._topk_compiled`): the same values and classes, the same
+        (``flatmin.trajectory._topk_compiled``): the same values and classes, the same
         ``rest_lse`` to float32 rounding.
         """
         if tau is None or not tau > 0:
