@@ -223,6 +223,15 @@ def test_invalid_rows_get_no_gradient_whatever_their_logits_and_targets_hold(top
     np.testing.assert_allclose(grad[0].numpy(), expected[0], rtol=1e-5, atol=1e-7)
 
 
+def test_bucketed_classes_outside_the_logits_are_a_clear_error(topk_path):
+    z, top, rest = torch.randn(4, 5), torch.randn(4, 2), torch.zeros(4)
+    classes = torch.tensor([[0, 1], [2, 3], [4, 5], [1, 2]])
+    with pytest.raises(ValueError, match=r"top_classes in \[0, 5\), got values in \[0, 5\]"):
+        bucketed_tempered_kl(z, top, classes, rest, 5.0)
+    with pytest.raises(ValueError, match=r"got values in \[-1, 4\]"):
+        bucketed_tempered_kl(z, top, classes.clamp(max=4) - (classes == 0).long(), rest, 5.0)
+
+
 def test_bucketed_bad_input_is_a_clear_error():
     z, top, classes, rest = torch.randn(4, 5), torch.randn(4, 2), torch.zeros(4, 2), torch.zeros(4)
     with pytest.raises(TypeError, match="integer top_classes"):

@@ -104,3 +104,15 @@ def test_other_dtypes_and_the_switch_take_the_eager_code():
     env = {**os.environ, "FLATMIN_NUMBA": "0"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_loops_refuse_a_class_outside_the_logits_before_reading_through_it():
+    """A store's rows are trusted by the term; a bad class must still not read or write
+    past a row (the loops have no bounds checks), whichever row holds it."""
+    z, top, rest = torch.randn(3, 6), torch.randn(3, 2), torch.zeros(3, 1)
+    index = torch.tensor([[0, 1], [2, 3], [4, 6]])
+    with pytest.raises(ValueError, match=r"stored classes of every counted row in \[0, 6\)"):
+        _topk_compiled.bucketed_forward(z, top, index, rest, None, 5.0, 1.0)
+    valid = torch.tensor([True, True, False])  # the bad row is not counted: never read
+    value, grad = _topk_compiled.bucketed_forward(z, top, index, rest, valid, 5.0, 1.0)
+    assert torch.isfinite(value) and grad[2].eq(0).all()

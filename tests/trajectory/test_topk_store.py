@@ -154,3 +154,21 @@ def test_bad_settings_and_a_missing_temperature_are_refused():
     with pytest.raises(AttributeError, match="keeps no full logits"):
         store.logits  # noqa: B018
     assert torch.all(store.table == 0)
+
+
+def test_a_state_with_classes_outside_the_store_is_refused_and_nothing_is_copied():
+    store = TopKLogitStore(5, 12, 2, top_k=3)
+    store.exchange(torch.randn(5, 12), torch.arange(5), 0, tau=3.0)
+    damaged = {name: t.clone() for name, t in store.state_dict().items()}
+    start, _ = store._fields["classes"]
+    damaged["rows"][0, 2, start + 1] = 12  # class 12 of 12 classes
+    before = store.table.clone()
+    with pytest.raises(ValueError, match=r"stored classes in \[0, 12\), got values in \[0, 12\]"):
+        store.load_state_dict(damaged)
+    assert torch.equal(store.table, before)
+
+
+def test_encode_refuses_logits_of_another_width():
+    store = TopKLogitStore(5, 12, 2, top_k=5)
+    with pytest.raises(ValueError, match=r"expected logits of shape \(B, 12\), got \(4, 3\)"):
+        store.encode(torch.randn(4, 3), tau=1.0)

@@ -71,19 +71,27 @@ def bucketed_forward(
 ) -> tuple[Tensor, Tensor] | None:  # fmt: skip
     """``weight·τ²·mean KL_k`` and its gradient with respect to ``logits`` (the closed form
     of :class:`~flatmin.trajectory.kl._BucketedKL`), or ``None`` when a counted row of
-    ``logits`` is not finite. ``rest_lse`` is a ``(B, 1)`` column."""
+    ``logits`` is not finite. ``rest_lse`` is a ``(B, 1)`` column. A class of a counted
+    row outside ``[0, C)`` is a ValueError, raised before any memory is read through it
+    (the loops do not check bounds)."""
     z = _numpy(logits.detach())
     half = top_logits.dtype == torch.float16
     top = _bits(top_logits if half else top_logits.to(torch.float32))
     grad = torch.empty(logits.shape, dtype=torch.float32)
     value = torch.empty(1, dtype=torch.float32)
-    done = _get_loops().bucketed(
+    loops = _get_loops()
+    outcome = loops.bucketed(
         z, top.numpy(), half, index.numpy(), rest_lse.to(torch.float32).numpy(),
         _NO_MASK if valid is None else valid.numpy(), valid is not None,
         np.float32(tau), np.float32(weight * tau * tau), np.float32(weight * tau),
         grad.numpy(), value.numpy(),
     )  # fmt: skip
-    return (value[0], grad) if done else None
+    if outcome == loops.BAD_CLASS:
+        raise ValueError(
+            f"expected the stored classes of every counted row in [0, {logits.shape[1]}); "
+            "got others (rows not written by this store, or a corrupted store state)"
+        )
+    return (value[0], grad) if outcome == loops.DONE else None
 
 
 def _get_loops():

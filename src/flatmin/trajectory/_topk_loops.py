@@ -16,6 +16,8 @@ _REASSOCIATE = {"reassoc", "contract", "nsz"}
 _LOOP = {"cache": True, "nogil": True, "fastmath": _REASSOCIATE}
 _INLINE = {"inline": "always", "fastmath": _REASSOCIATE}
 _INF = np.float32(np.inf)
+DONE, NOT_FINITE, BAD_CLASS = 0, 1, 2
+"""What :func:`bucketed` returns."""
 
 
 @njit(**_INLINE)
@@ -227,9 +229,10 @@ def encode(z, values, half, classes, rest, inv_tau, overflow):
 @njit(**_LOOP)
 def bucketed(z, top, half, index, rest, valid, masked, tau, scale, weight_tau, grad, value):
     """The bucketed term (``value[0]``) and its gradient (``grad``) over the batch, the
-    arithmetic of :class:`flatmin.trajectory.kl._BucketedKL`. Returns False when a
-    counted row of ``z`` holds inf or NaN (the caller then runs the eager code, which
-    defines what such rows give)."""
+    arithmetic of :class:`flatmin.trajectory.kl._BucketedKL`. Returns ``DONE``;
+    ``NOT_FINITE`` when a counted row of ``z`` holds inf or NaN (the caller then runs the
+    eager code, which defines what such rows give); ``BAD_CLASS`` before anything is read
+    through a class of a counted row outside ``[0, C)``."""
     batch, num_classes = z.shape
     k = index.shape[1]
     bucket = k < num_classes
@@ -239,11 +242,13 @@ def bucketed(z, top, half, index, rest, valid, masked, tau, scale, weight_tau, g
     p = np.empty(groups, dtype=np.float32)
     q = np.empty(groups, dtype=np.float32)
     where = np.empty(k, dtype=np.int64)
-    count = batch
-    if masked:
-        count = 0
-        for b in range(batch):
-            count += valid[b]
+    count = 0
+    for b in range(batch):
+        if not masked or valid[b]:
+            count += 1
+            for i in range(k):
+                if not 0 <= index[b, i] < num_classes:
+                    return BAD_CLASS
     count = max(count, 1)
     factor = weight_tau / np.float32(count)
     inv_tau = np.float32(1.0) / tau
@@ -263,7 +268,7 @@ def bucketed(z, top, half, index, rest, valid, masked, tau, scale, weight_tau, g
         if bucket:  # e_j outside T, kept in the gradient's row
             mass, shift, check = _exp_outside(row, inv_tau, where, k, out)
             if check != 0:
-                return False
+                return NOT_FINITE
             past[k] = rest[b, 0]
             present[k] = log32(mass) + shift
         else:
@@ -271,7 +276,7 @@ def bucketed(z, top, half, index, rest, valid, masked, tau, scale, weight_tau, g
             for i in range(k):
                 check += present[i] * np.float32(0.0)
             if check != 0:
-                return False
+                return NOT_FINITE
         _log_softmax(past, p)
         _log_softmax(present, q)
         kl = np.float32(0.0)
@@ -286,7 +291,7 @@ def bucketed(z, top, half, index, rest, valid, masked, tau, scale, weight_tau, g
         for i in range(k):
             out[where[i]] = q[i]
     value[0] = total_value * scale / np.float32(count)
-    return True
+    return DONE
 
 
 @njit(**_INLINE)

@@ -122,7 +122,8 @@ def bucketed_tempered_kl(
     Args:
         logits: current logits ``z``, shape ``(B, C)``; the gradient flows through them.
         top_logits: the ``k`` past logits kept per row, shape ``(B, k)`` (any float dtype).
-        top_classes: their classes, integer tensor ``(B, k)``, distinct within a row.
+        top_classes: their classes, integer tensor ``(B, k)`` with values in ``[0, C)``,
+            distinct within a row.
         rest_lse: ``log Σ_{j∉T} exp(z̃_j/τ)`` per row, shape ``(B,)`` (``−inf`` if ``k = C``).
         tau: temperature ``τ > 0``, the one ``rest_lse`` was computed with.
         valid: optional boolean mask ``(B,)``, as in :func:`tempered_kl`.
@@ -154,6 +155,11 @@ def bucketed_tempered_kl(
         )
     if top_classes.is_floating_point() or top_classes.is_complex():
         raise TypeError(f"expected integer top_classes, got dtype {top_classes.dtype}")
+    if batch and not 0 <= int(top_classes.min()) <= int(top_classes.max()) < num_classes:
+        raise ValueError(
+            f"expected top_classes in [0, {num_classes}), got values in "
+            f"[{int(top_classes.min())}, {int(top_classes.max())}]"
+        )
     if not tau > 0:
         raise ValueError(f"expected a temperature tau > 0, got {tau}")
     _check_valid(valid, logits)

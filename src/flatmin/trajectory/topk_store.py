@@ -186,6 +186,10 @@ class TopKLogitStore(LogitStore):
         """
         if tau is None or not tau > 0:
             raise ValueError(f"a top-k store needs the temperature tau > 0, got {tau}")
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"expected logits of shape (B, {self.num_classes}), got {tuple(logits.shape)}"
+            )
         k, z = self.top_k, logits.detach()
         if _topk_compiled.applies(z):
             return self._encode_compiled(z, tau)
@@ -220,6 +224,21 @@ class TopKLogitStore(LogitStore):
             z, packed, self._fields, half, self.class_dtype, tau, self._overflow
         )
         return (packed,)
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """:meth:`LogitStore.load_state_dict`, refusing (before anything is copied) rows
+        whose classes are not in ``[0, C)``: a state of another store or a damaged file."""
+        rows = state.get(self._TABLE_KEY)
+        mine = self.table
+        if isinstance(rows, Tensor) and (rows.shape, rows.dtype) == (mine.shape, mine.dtype):
+            classes = self._field(rows, "classes", self.class_dtype)
+            low, high = (int(classes.min()), int(classes.max())) if classes.numel() else (0, 0)
+            if not 0 <= low <= high < self.num_classes:
+                raise ValueError(
+                    f"expected stored classes in [0, {self.num_classes}), got values in "
+                    f"[{low}, {high}]"
+                )
+        super().load_state_dict(state)
 
     def _zero(self, device: torch.device) -> Tensor:
         zero = self._zeros.get(device)
