@@ -13,15 +13,15 @@ def test_peak_extra_memory_of_sam_is_one_copy_of_the_weights():
     from flatmin.train.models import build_model
 
     weights = sum(p.numel() * 4 for p in build_model("resnet18", 10, (3, 32, 32)).parameters())
-    # Medians of 3 processes each: single processes gave SAM − SGD from 0.88x to 2.2x the
-    # weights here, and one clean-clone CI run a median of 0.69x (the allocator's slack
-    # differs from process to process, SGD's included). The lower bound only tells a
-    # measurement that sees SAM's copy of w from one that sees none.
-    sgd, sam = peak_rss_bytes(RESNET, "sgd", repeats=3), peak_rss_bytes(RESNET, "sam", repeats=3)
+    # Medians of 5 processes each. The allocator's slack differs from process to process,
+    # SGD's own peak included (4.5x to 5.0x the weights): medians of 3 gave SAM − SGD from
+    # 0.69x to 2.0x the weights. The lower bound only tells a measurement that sees SAM's
+    # copy of w from one that sees none.
+    sgd, sam = peak_rss_bytes(RESNET, "sgd", repeats=5), peak_rss_bytes(RESNET, "sam", repeats=5)
     # SGD's own rise: the trained copy of the model, its gradients and momentum at least.
     assert sgd > 3 * weights
     # SAM: the copy of w, plus what the allocator keeps between the passes.
-    assert 0.5 * weights < sam - sgd < 3 * weights
+    assert 0.4 * weights < sam - sgd < 3 * weights
 
 
 def test_a_failing_measurement_says_which_method_and_why():
