@@ -1,8 +1,9 @@
 """The numba loops behind :mod:`flatmin.trajectory._topk_compiled` (imported on first use).
 
-One pass over the batch each, written so that the inner loops over the classes vectorize:
-branch-free, ``exp`` as an inlined polynomial (numba's ``math.exp`` is a call into libm
-per element), sums reassociated (``fastmath`` without the flags that change NaN or inf).
+One pass over the batch each, written so that the arithmetic loops over the classes
+vectorize: branch-free, ``exp`` as an inlined polynomial (numba's ``math.exp`` is a call
+into libm per element), sums reassociated (``fastmath`` without the flags that change NaN
+or inf). The top-k selection is the one loop with branches (rarely taken ones).
 float16 values are read and written as int16 bit patterns (numba has no float16 on the
 CPU), float32 ones as int32.
 """
