@@ -162,25 +162,30 @@ def _exp_outside(row, scale, where, k, out):
     usual case, need no pass for a maximum); then it is the maximum outside ``where``, so
     that the largest term is 1 and none that matters is subnormal.
     """
+    check = _scale_outside(row, scale, where, k, out)
+    if check != 0:
+        return np.float32(np.nan), np.float32(0.0), check
+    total = _exp_sum(out, np.float32(0.0))
+    if np.float32(2.0**-60) <= total <= np.float32(2.0**100):
+        return total, np.float32(0.0), check
+    _scale_outside(row, scale, where, k, out)  # the exponentials replaced the scaled row
+    shift = -_INF
+    for j in range(row.shape[0]):
+        shift = max(shift, out[j])
+    return _exp_sum(out, shift), shift, check
+
+
+@njit(**_INLINE)
+def _scale_outside(row, scale, where, k, out):
+    """``out_j = row_j·scale``, then ``−inf`` on ``where[:k]``; returns 0 iff the row is
+    finite (``x·0`` is NaN for inf and NaN)."""
     check = np.float32(0.0)
     for j in range(row.shape[0]):
         out[j] = row[j] * scale
         check += out[j] * np.float32(0.0)
-    if check != 0:
-        return np.float32(np.nan), np.float32(0.0), check
     for i in range(k):
         out[where[i]] = -_INF
-    total = _exp_sum(out, np.float32(0.0))
-    if np.float32(2.0**-60) <= total <= np.float32(2.0**100):
-        return total, np.float32(0.0), check
-    shift = -_INF
-    for j in range(row.shape[0]):
-        out[j] = row[j] * scale
-    for i in range(k):
-        out[where[i]] = -_INF
-    for j in range(row.shape[0]):
-        shift = max(shift, out[j])
-    return _exp_sum(out, shift), shift, check
+    return check
 
 
 @njit(**_INLINE)
